@@ -1,0 +1,31 @@
+"""Smoothed Energy Guidance (Hong, NeurIPS 2024): pure torch, no webui imports."""
+
+from .blur import blur_operator, blur_queries, is_identity_sigma, is_mean_sigma, kernel_length
+from .grid import token_grid
+from .guidance import BRANCHES, guided, seg_term, smoothed_source
+from .layers import LayerSelection, parse_layers, resolve_attn1
+from .params import ARG_NAMES, INFOTEXT_KEYS, SEGParamError, SEGParams
+from .patch import QueryBlurPatch
+from .schedule import is_active_step
+
+__all__ = [
+    "ARG_NAMES",
+    "BRANCHES",
+    "INFOTEXT_KEYS",
+    "LayerSelection",
+    "QueryBlurPatch",
+    "SEGParamError",
+    "SEGParams",
+    "blur_operator",
+    "blur_queries",
+    "guided",
+    "is_active_step",
+    "is_identity_sigma",
+    "is_mean_sigma",
+    "kernel_length",
+    "parse_layers",
+    "resolve_attn1",
+    "seg_term",
+    "smoothed_source",
+    "token_grid",
+]

@@ -1,0 +1,144 @@
+"""Which UNet blocks get smoothed self-attention, and their ``attn1`` modules.
+
+Syntax (case-insensitive, items separated by commas or semicolons):
+``middle`` · ``input`` / ``output`` (every block of that side) · ``input 7`` · ``input 4-8`` ·
+``output 0-2 5`` · ``all``. Aliases: ``mid``; ``in``/``down``; ``out``/``up``.
+
+SD1/SD2 (``ldm``) and SDXL (``sgm``) UNets share the ``input_blocks`` / ``middle_block`` /
+``output_blocks`` naming, so one resolver serves both.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from torch import nn
+
+INPUT, MIDDLE, OUTPUT = "input", "middle", "output"
+_SIDE_ORDER = (INPUT, MIDDLE, OUTPUT)
+_ALIASES = {
+    "input": INPUT, "in": INPUT, "down": INPUT,
+    "middle": MIDDLE, "mid": MIDDLE,
+    "output": OUTPUT, "out": OUTPUT, "up": OUTPUT,
+}  # fmt: skip
+_RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
+MAX_BLOCK_INDEX = 99
+
+
+@dataclass(frozen=True)
+class LayerSelection:
+    """Selected blocks per side: ``None`` means every block of that side."""
+
+    input: frozenset[int] | None = frozenset()
+    middle: bool = False
+    output: frozenset[int] | None = frozenset()
+
+    def selects(self, side: str, index: int) -> bool:
+        if side == MIDDLE:
+            return self.middle
+        chosen = self.input if side == INPUT else self.output
+        return chosen is None or index in chosen
+
+    def is_empty(self) -> bool:
+        return not self.middle and self.input == frozenset() and self.output == frozenset()
+
+    def canonical(self) -> str:
+        """A normalised spelling of the selection (what infotext stores)."""
+        parts = []
+        for side in _SIDE_ORDER:
+            if side == MIDDLE:
+                if self.middle:
+                    parts.append(MIDDLE)
+                continue
+            chosen = self.input if side == INPUT else self.output
+            if chosen is None:
+                parts.append(side)
+            elif chosen:
+                parts.append(f"{side} {_format_indices(chosen)}")
+        return ", ".join(parts)
+
+
+def _format_indices(indices: frozenset[int]) -> str:
+    ordered = sorted(indices)
+    runs: list[list[int]] = []
+    for index in ordered:
+        if runs and index == runs[-1][1] + 1:
+            runs[-1][1] = index
+        else:
+            runs.append([index, index])
+    return " ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def parse_layers(text: str) -> LayerSelection:
+    """Parse the layer syntax; raises ValueError with a readable message on bad input."""
+    if not isinstance(text, str):
+        raise ValueError(f"expected text such as 'middle' or 'input 7-8', got {text!r}")
+    items = [item.strip() for item in re.split(r"[,;]", text.strip().lower()) if item.strip()]
+    if not items:
+        raise ValueError("no blocks named; use e.g. 'middle' or 'input 7-8, middle'")
+    chosen: dict[str, frozenset[int] | None] = {INPUT: frozenset(), OUTPUT: frozenset()}
+    middle = False
+    for item in items:
+        words = item.split()
+        if words == ["all"]:
+            chosen = {INPUT: None, OUTPUT: None}
+            middle = True
+            continue
+        side = _ALIASES.get(words[0])
+        if side is None:
+            raise ValueError(f"unknown block {words[0]!r} in {item!r} (use input, middle, output)")
+        if side == MIDDLE:
+            if words[1:] not in ([], ["0"]):
+                raise ValueError(f"the middle block takes no index: {item!r}")
+            middle = True
+            continue
+        if len(words) == 1:
+            chosen[side] = None
+            continue
+        indices: set[int] = set()
+        for word in words[1:]:
+            match = _RANGE.match(word)
+            if not match:
+                raise ValueError(f"bad block index {word!r} in {item!r} (use e.g. 7 or 4-8)")
+            first = int(match.group(1))
+            last = int(match.group(2) or first)
+            if first > last or last > MAX_BLOCK_INDEX:
+                raise ValueError(f"bad block range {word!r} in {item!r}")
+            indices.update(range(first, last + 1))
+        if chosen[side] is not None:
+            chosen[side] = chosen[side] | frozenset(indices)
+    return LayerSelection(input=chosen[INPUT], middle=middle, output=chosen[OUTPUT])
+
+
+def _is_self_attention(block: nn.Module, name: str, module: nn.Module) -> bool:
+    if name.rsplit(".", 1)[-1] != "attn1" or not hasattr(module, "to_q"):
+        return False
+    # ldm/sgm can turn attn1 into cross-attention (disable_self_attn): that is not SEG's target.
+    owner_name = name.rsplit(".", 1)[0] if "." in name else ""
+    owner = block.get_submodule(owner_name) if owner_name else block
+    return not getattr(owner, "disable_self_attn", False)
+
+
+def unet_blocks(unet: nn.Module) -> list[tuple[str, int, str, nn.Module]]:
+    """(side, index, qualified name, block) for every block of an ldm/sgm UNet."""
+    blocks = []
+    for side, attribute in ((INPUT, "input_blocks"), (OUTPUT, "output_blocks")):
+        for index, block in enumerate(getattr(unet, attribute, None) or []):
+            blocks.append((side, index, f"{attribute}.{index}", block))
+    middle = getattr(unet, "middle_block", None)
+    if middle is not None:
+        blocks.append((MIDDLE, 0, "middle_block", middle))
+    return blocks
+
+
+def resolve_attn1(unet: nn.Module, selection: LayerSelection) -> list[tuple[str, nn.Module]]:
+    """The self-attention modules of the selected blocks, as (qualified name, module)."""
+    found = []
+    for side, index, prefix, block in unet_blocks(unet):
+        if not selection.selects(side, index):
+            continue
+        for name, module in block.named_modules():
+            if _is_self_attention(block, name, module):
+                found.append((f"{prefix}.{name}", module))
+    return found
