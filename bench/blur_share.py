@@ -93,7 +93,7 @@ def main() -> None:
                     q = module.to_q(inputs[name])
                     height, width = token_grid(q.shape[1], *latent)
                     blur_time += timed(
-                        lambda q=q, h=height, w=width: blur_queries(q, h, w, sigma), args.repeats, device
+                        lambda q=q, h=height, w=width, s=sigma: blur_queries(q, h, w, s), args.repeats, device
                     )
                 print(
                     f"{label:<26} {sigma:>6g} {blur_time * 1000:>9.3f} "
