@@ -51,7 +51,7 @@ class SEGParamError(ValueError):
     def __init__(self, name: str, value: object, reason: str):
         self.field = name
         self.value = value
-        super().__init__(f"SEG {name}: {reason} (got {value!r})")
+        super().__init__(f"SEG setting '{name}': {reason} (got {value!r})")
 
 
 def _bool(name: str, value: object) -> bool:
@@ -80,7 +80,9 @@ def _clamped(name: str, value: object, low: float, high: float, notes: list[str]
     number = _number(name, value)
     clamped = min(max(number, low), high)
     if clamped != number:
-        notes.append(f"SEG {name}: {value!r} is outside [{low:g}, {high:g}], clamped to {clamped:g}")
+        notes.append(
+            f"SEG setting '{name}': {value!r} is outside [{low:g}, {high:g}], clamped to {clamped:g}"
+        )
     return clamped
 
 
@@ -91,7 +93,7 @@ def _sigma(name: str, value: object, notes: list[str]) -> float:
     if number == -1 or number > SIGMA_MAX_FINITE:
         return math.inf  # the documented spellings of ∞, and the reference's σ > 9999 rule
     if number < 0:
-        notes.append(f"SEG {name}: {value!r} is negative, taken as inf (write inf or -1)")
+        notes.append(f"SEG setting '{name}': {value!r} is negative, taken as inf (write inf or -1)")
         return math.inf
     return number
 
@@ -109,6 +111,16 @@ def _layers(name: str, value: object) -> str:
     except ValueError as error:
         raise SEGParamError(name, value, str(error)) from None
     return selection.canonical()
+
+
+def values_from_args(args: Sequence[object]) -> dict[str, object]:
+    """Named values from positional args, or from a dict given as the first arg (the API's named
+    form; the positional defaults the webui appends after it are ignored)."""
+    if len(args) >= 1 and isinstance(args[0], Mapping):
+        return dict(args[0])
+    if len(args) > len(ARG_NAMES):
+        raise SEGParamError("args", list(args), f"at most {len(ARG_NAMES)} values expected")
+    return dict(zip(ARG_NAMES, args, strict=False))
 
 
 def format_number(value: float) -> str:
@@ -168,11 +180,7 @@ class SEGParams:
     def from_args(cls, args: Sequence[object]) -> SEGParams:
         """From the script's positional args (UI or API): ``[enabled, scale, sigma, ...]``, or a
         single dict of named values as the first arg."""
-        if len(args) >= 1 and isinstance(args[0], Mapping):
-            return cls.from_values(args[0])
-        if len(args) > len(ARG_NAMES):
-            raise SEGParamError("args", list(args), f"at most {len(ARG_NAMES)} values expected")
-        return cls.from_values(dict(zip(ARG_NAMES, args, strict=False)))
+        return cls.from_values(values_from_args(args))
 
     @classmethod
     def from_infotext(cls, params: Mapping[str, object]) -> SEGParams:

@@ -1,0 +1,113 @@
+"""The integration tier: the extension inside a real webui, through its HTTP API.
+
+Opt-in. Either point at a running webui that already has this extension installed:
+    SEG_WEBUI_URL=http://127.0.0.1:7860
+or let the tests start one (the extension is symlinked into its extensions/ folder):
+    SEG_WEBUI_ROOT=/path/to/stable-diffusion-webui  [SEG_WEBUI_PYTHON=/path/to/venv/bin/python]
+    [SEG_WEBUI_ARGS="--ckpt /path/to/model.safetensors ..."]
+The webui must have a (random-weight is fine) SD1.x checkpoint loaded. Without these variables
+every test here is skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+LAUNCH_FLAGS = [
+    "--skip-prepare-environment", "--skip-install", "--skip-torch-cuda-test", "--skip-version-check",
+    "--use-cpu", "all", "--no-half", "--precision", "full", "--api", "--no-download-sd-model",
+]  # fmt: skip
+
+
+class WebUI:
+    def __init__(self, url: str, log: Path | None = None):
+        self.url = url.rstrip("/")
+        self.log = log
+
+    def request(self, method: str, path: str, payload=None, timeout: float = 600):
+        data = None if payload is None else json.dumps(payload).encode()
+        req = urllib.request.Request(self.url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as response:
+                return response.status, json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read() or b"null")
+
+    def get(self, path):
+        return self.request("GET", path)
+
+    def post(self, path, payload):
+        return self.request("POST", path, payload)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(webui: WebUI, process: subprocess.Popen, timeout: float) -> None:
+    start = time.time()
+    while time.time() - start < timeout:
+        if process.poll() is not None:
+            raise RuntimeError(f"the webui exited during start-up; see {webui.log}")
+        try:
+            status, models = webui.get("/sdapi/v1/sd-models")
+            if status == 200 and models and "Model loaded" in webui.log.read_text(errors="ignore"):
+                return
+        except OSError:
+            pass
+        time.sleep(2)
+    raise RuntimeError(f"the webui did not come up in {timeout:.0f} s; see {webui.log}")
+
+
+@pytest.fixture(scope="session")
+def webui(tmp_path_factory):
+    url = os.environ.get("SEG_WEBUI_URL")
+    if url:
+        yield WebUI(url)
+        return
+    root = os.environ.get("SEG_WEBUI_ROOT")
+    if not root:
+        pytest.skip("integration tier: set SEG_WEBUI_ROOT (or SEG_WEBUI_URL) to run against a real webui")
+    root_path = Path(root)
+    link = root_path / "extensions" / "sd-webui-seg"
+    created_link = False
+    if not link.exists():
+        link.parent.mkdir(exist_ok=True)
+        link.symlink_to(ROOT, target_is_directory=True)
+        created_link = True
+    python = os.environ.get("SEG_WEBUI_PYTHON", str(root_path / "venv" / "bin" / "python"))
+    port = _free_port()
+    log = tmp_path_factory.mktemp("webui") / "webui.log"
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    command = [python, "launch.py", *LAUNCH_FLAGS, "--port", str(port),
+               *shlex.split(os.environ.get("SEG_WEBUI_ARGS", ""))]  # fmt: skip
+    with open(log, "w") as log_file:
+        process = subprocess.Popen(command, cwd=root_path, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                                   start_new_session=True)  # fmt: skip
+    server = WebUI(f"http://127.0.0.1:{port}", log)
+    try:
+        _wait(server, process, float(os.environ.get("SEG_WEBUI_START_TIMEOUT", "900")))
+        yield server
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+        if created_link:
+            link.unlink()
