@@ -6,7 +6,7 @@ import gradio as gr
 from modules import script_callbacks, scripts, shared
 from modules.ui_components import InputAccordion
 
-from lib_seg.a1111 import SEGController
+from lib_seg.controller import SEGController
 from lib_seg.infotext import ENABLED_FIELD, fill_absent_keys, paste_field_names
 from lib_seg.params import SEGParamError, SEGParams
 from lib_seg.ui_spec import CONTROLS, TITLE
@@ -25,7 +25,16 @@ DEFAULT_SETTINGS = {"scale": "seg_default_scale", "sigma": "seg_default_sigma",
                     "branch": "seg_default_branch", "layers": "seg_default_layers"}  # fmt: skip
 HOOKS_DISABLED = bool(getattr(shared.cmd_opts, "seg_disable", False))
 
-controller = SEGController(current_model=lambda: shared.sd_model)
+
+def forge_backend():
+    """Forge's batch evaluator and attention, imported only when a Forge model is in use."""
+    from backend.attention import attention_function
+    from backend.sampling.sampling_function import calc_cond_uncond_batch
+
+    return calc_cond_uncond_batch, attention_function
+
+
+controller = SEGController(current_model=lambda: shared.sd_model, forge_backend=forge_backend)
 
 
 def default_params() -> SEGParams:

@@ -5,7 +5,8 @@ Opt-in. Either point at a running webui that already has this extension installe
 or let the tests start one (the extension is symlinked into its extensions/ folder):
     SEG_WEBUI_ROOT=/path/to/stable-diffusion-webui  [SEG_WEBUI_PYTHON=/path/to/venv/bin/python]
     [SEG_WEBUI_ARGS="--ckpt /path/to/model.safetensors ..."]
-The webui must have a (random-weight is fine) SD1.x checkpoint loaded. Without these variables
+The webui (A1111 or Forge, told apart by Forge's ``backend/`` folder) must have a (random-weight is
+fine) SD1.x checkpoint. Without these variables
 every test here is skipped with the reason.
 """
 
@@ -25,16 +26,26 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-LAUNCH_FLAGS = [
-    "--skip-prepare-environment", "--skip-install", "--skip-torch-cuda-test", "--skip-version-check",
-    "--use-cpu", "all", "--no-half", "--precision", "full", "--api", "--no-download-sd-model",
+COMMON_FLAGS = [
+    "--skip-prepare-environment", "--skip-install", "--skip-torch-cuda-test",
+    "--skip-version-check", "--api", "--no-download-sd-model",
 ]  # fmt: skip
+A1111_CPU_FLAGS = ["--use-cpu", "all", "--no-half", "--precision", "full"]
+FORGE_CPU_FLAGS = ["--always-cpu", "--disable-nan-check"]
 
 
 class WebUI:
-    def __init__(self, url: str, log: Path | None = None):
+    def __init__(self, url: str, log: Path | None = None, forge: bool | None = None):
         self.url = url.rstrip("/")
         self.log = log
+        if forge is None:  # a running server: Forge has its own command-line options
+            status, flags = self.get("/sdapi/v1/cmd-flags")
+            forge = status == 200 and "always_cpu" in (flags or {})
+        self.forge = forge
+
+    def hires_fields(self) -> dict:
+        """Forge's API needs these for hires; its second pass uses hr_cfg (default 1 = no CFG)."""
+        return {"hr_additional_modules": ["Use same choices"], "hr_cfg": 7} if self.forge else {}
 
     def request(self, method: str, path: str, payload=None, timeout: float = 600):
         data = None if payload is None else json.dumps(payload).encode()
@@ -66,7 +77,9 @@ def _wait(webui: WebUI, process: subprocess.Popen, timeout: float) -> None:
             raise RuntimeError(f"the webui exited during start-up; see {webui.log}")
         try:
             status, models = webui.get("/sdapi/v1/sd-models")
-            if status == 200 and models and "Model loaded" in webui.log.read_text(errors="ignore"):
+            # A1111 loads the checkpoint after the server answers; Forge at the first generation
+            loaded = webui.forge or "Model loaded" in webui.log.read_text(errors="ignore")
+            if status == 200 and models and loaded:
                 return
         except OSError:
             pass
@@ -94,12 +107,13 @@ def webui(tmp_path_factory):
     port = _free_port()
     log = tmp_path_factory.mktemp("webui") / "webui.log"
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    command = [python, "launch.py", *LAUNCH_FLAGS, "--port", str(port),
-               *shlex.split(os.environ.get("SEG_WEBUI_ARGS", ""))]  # fmt: skip
+    forge = (root_path / "backend").is_dir()
+    command = [python, "launch.py", *COMMON_FLAGS, *(FORGE_CPU_FLAGS if forge else A1111_CPU_FLAGS),
+               "--port", str(port), *shlex.split(os.environ.get("SEG_WEBUI_ARGS", ""))]  # fmt: skip
     with open(log, "w") as log_file:
         process = subprocess.Popen(command, cwd=root_path, env=env, stdout=log_file, stderr=subprocess.STDOUT,
                                    start_new_session=True)  # fmt: skip
-    server = WebUI(f"http://127.0.0.1:{port}", log)
+    server = WebUI(f"http://127.0.0.1:{port}", log, forge=forge)
     try:
         _wait(server, process, float(os.environ.get("SEG_WEBUI_START_TIMEOUT", "900")))
         yield server

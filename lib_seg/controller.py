@@ -1,13 +1,14 @@
-"""The SEG script's behaviour in an A1111-style webui, with webui objects passed in (duck-typed).
+"""The SEG script's behaviour in A1111 and Forge, with webui objects passed in (duck-typed).
 
 ``scripts/sd_webui_seg.py`` only builds the UI and forwards the webui's hooks and callbacks here,
 so everything below is testable with stand-ins. Lifecycle of one generation:
 
 - ``process``: validate the arguments (UI list, API list or dict, XYZ overrides), check the model,
   write or clear the infotext entries, report problems to the user;
-- ``start_pass`` (every sampling pass: first pass, hires pass): install the query patch and the
-  step guidance for the current UNet;
-- ``on_cfg_*``: the CFG-denoiser callbacks drive ``CFGStepGuidance``;
+- ``start_pass`` (every sampling pass: first pass, hires pass): on A1111 install the query patch
+  and the step guidance for the current UNet (``cfg_step``); on Forge, detected by its
+  ``forge_objects``, clone its UnetPatcher with SEG's post-CFG function (``forge``);
+- ``on_cfg_*``: the CFG-denoiser callbacks drive ``CFGStepGuidance`` (Forge: they give the step);
 - ``end_pass`` (``post_sample``, ``postprocess_batch``, ``postprocess``, and the next
   generation's ``process``): remove every hook, whatever happened in between.
 """
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .cfg_step import CFGStepGuidance, PassSettings
+from .forge import ForgeGuidance, ForgePass, patch_keys
 from .layers import resolve_attn1
 from .params import INFOTEXT_KEYS, INFOTEXT_WARNING_KEY, SEGParamError, SEGParams, values_from_args
 from .xyz_axes import overrides_of
@@ -29,13 +31,22 @@ log = logging.getLogger("sd_webui_seg")
 RUN_ATTRIBUTE = "seg_run"
 
 
+def is_forge(sd_model) -> bool:
+    return getattr(sd_model, "forge_objects", None) is not None
+
+
 def find_unet(sd_model) -> nn.Module | None:
-    """The ldm/sgm UNet of a webui model, or None when SEG cannot work on it."""
+    """The SD1/SD2/SDXL UNet of a webui model (ldm/sgm on A1111, Forge's own UNet on Forge), or
+    None when SEG cannot work on it (SD3, Flux, instruct-pix2pix, anything without UNet blocks)."""
     if sd_model is None or getattr(sd_model, "is_sd3", False):
         return None
     if getattr(sd_model, "cond_stage_key", None) == "edit":  # instruct-pix2pix: 3-way CFG layout
         return None
-    unet = getattr(getattr(sd_model, "model", None), "diffusion_model", None)
+    if is_forge(sd_model):
+        holder = getattr(getattr(sd_model.forge_objects, "unet", None), "model", None)
+    else:
+        holder = getattr(sd_model, "model", None)
+    unet = getattr(holder, "diffusion_model", None)
     if not isinstance(unet, nn.Module) or not all(
         hasattr(unet, name) for name in ("input_blocks", "middle_block", "output_blocks")
     ):
@@ -52,9 +63,11 @@ class Run:
 
 
 class SEGController:
-    def __init__(self, current_model: Callable[[], object]):
+    def __init__(self, current_model: Callable[[], object], forge_backend: Callable[[], tuple] | None = None):
+        """``forge_backend()`` returns Forge's ``(calc_cond_uncond_batch, attention_function)``."""
         self.current_model = current_model
-        self.guidance: CFGStepGuidance | None = None
+        self.forge_backend = forge_backend
+        self.guidance: CFGStepGuidance | ForgeGuidance | None = None
         self.pass_p = None
 
     # -- reporting -----------------------------------------------------------------------------
@@ -120,17 +133,34 @@ class SEGController:
         self._install(p, run, *chosen)
 
     def _install(self, p, run: Run, scale: float, sigma: float) -> None:
-        unet = find_unet(self.current_model())
+        sd_model = self.current_model()
+        unet = find_unet(sd_model)
         if unet is None:
             self.report(p, run, "SEG: the model changed to one without a UNet SEG supports; SEG off")
             return
-        modules = [module for _, module in resolve_attn1(unet, run.params.selection)]
-        if not modules:
+        matched = resolve_attn1(unet, run.params.selection)
+        if not matched:
             self.report(p, run, f"SEG layers '{run.params.layers}' match no self-attention in this model")
             return
         params = run.params
-        settings = PassSettings(scale, sigma, params.branch, params.start, params.end, modules, unet)
-        self.guidance = CFGStepGuidance(settings, warn=lambda message: self.report(p, run, f"SEG: {message}"))
+
+        def warn(message: str) -> None:
+            self.report(p, run, f"SEG: {message}")
+
+        if is_forge(sd_model):
+            if self.forge_backend is None:
+                self.report(p, run, "SEG: Forge's sampling backend is unavailable; SEG off")
+                return
+            evaluate, attention = self.forge_backend()
+            keys = patch_keys([name for name, _ in matched])
+            forge_pass = ForgePass(scale, sigma, params.branch, params.start, params.end, keys)
+            guidance = ForgeGuidance(forge_pass, evaluate, attention, warn=warn)
+            guidance.install(sd_model)
+            self.guidance = guidance
+        else:
+            modules = [module for _, module in matched]
+            settings = PassSettings(scale, sigma, params.branch, params.start, params.end, modules, unet)
+            self.guidance = CFGStepGuidance(settings, warn=warn)
         self.pass_p = p
 
     def end_pass(self) -> None:
@@ -140,12 +170,14 @@ class SEGController:
         self.pass_p = None
 
     # -- CFG denoiser callbacks ------------------------------------------------------------------
-    def _guidance_for(self, denoiser) -> CFGStepGuidance | None:
+    def _guidance_for(self, denoiser) -> CFGStepGuidance | ForgeGuidance | None:
         guidance = self.guidance
         if guidance is None:
             return None
         if denoiser is not None and getattr(denoiser, "p", self.pass_p) is not self.pass_p:
             return None  # another processing object (e.g. a nested generation) is sampling
+        if isinstance(guidance, ForgeGuidance):
+            return guidance
         unet = find_unet(self.current_model())
         if unet is not None and unet is not guidance.settings.unet:  # refiner switch
             run = getattr(self.pass_p, RUN_ATTRIBUTE, None)
@@ -159,7 +191,9 @@ class SEGController:
 
     def on_cfg_denoiser(self, params) -> None:
         guidance = self._guidance_for(params.denoiser)
-        if guidance is not None:
+        if isinstance(guidance, ForgeGuidance):
+            guidance.on_denoiser(params.sampling_step, params.total_sampling_steps)
+        elif guidance is not None:
             guidance.on_denoiser(
                 params.x,
                 params.text_uncond,
@@ -169,11 +203,11 @@ class SEGController:
             )
 
     def on_cfg_denoised(self, params) -> None:
-        if self.guidance is not None:
+        if isinstance(self.guidance, CFGStepGuidance):
             self.guidance.on_denoised(params.x)
 
     def on_cfg_after_cfg(self, params) -> None:
-        if self.guidance is not None:
+        if isinstance(self.guidance, CFGStepGuidance):
             params.x = self.guidance.on_after_cfg(params.x)
 
 

@@ -1,0 +1,150 @@
+"""SEG on Forge (``backend/`` architecture): its own extension points, no module hooks.
+
+For each sampling pass the script clones ``p.sd_model.forge_objects.unet`` and adds one post-CFG
+function. At a guided step that function re-runs the smoothed branch's conditioning through
+Forge's own batch evaluator with an ``attn1`` replace patch on the selected blocks (the patch
+blurs the queries Forge hands it, then runs Forge's attention), and adds the SEG term to the CFG
+result. Forge's regular cond/uncond evaluation never sees the patch. Forge's webui objects are
+passed in, so this module imports nothing from Forge.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .blur import blur_queries
+from .grid import token_grid
+from .guidance import BRANCH_UNCOND, seg_term, smoothed_source
+from .layers import INPUT, MIDDLE, OUTPUT
+from .schedule import is_active_step
+
+log = logging.getLogger("sd_webui_seg")
+MARKER = "_sd_webui_seg"
+_SIDES = {"input_blocks": INPUT, "middle_block": MIDDLE, "output_blocks": OUTPUT}
+
+
+def patch_keys(attn1_names: Sequence[str]) -> list[tuple[str, int]]:
+    """Forge's replace-patch keys ``(block name, block id)`` for qualified attn1 names such as
+    ``input_blocks.4.1.transformer_blocks.0.attn1``; a key covers every transformer index."""
+    keys: list[tuple[str, int]] = []
+    for name in attn1_names:
+        parts = name.split(".")
+        side = _SIDES[parts[0]]
+        key = (side, 0 if side == MIDDLE else int(parts[1]))
+        if key not in keys:
+            keys.append(key)
+    return keys
+
+
+def with_attn1_replace(model_options: dict, patch: Callable, keys: Sequence[tuple[str, int]]) -> dict:
+    """A copy of ``model_options`` with ``patch`` as the attn1 replacement for ``keys``; the
+    original dicts are left untouched (Forge shares them with its regular evaluation)."""
+    options = dict(model_options)
+    transformer = dict(options.get("transformer_options", {}))
+    replace = dict(transformer.get("patches_replace", {}))
+    attn1 = dict(replace.get("attn1", {}))
+    for key in keys:
+        attn1[key] = patch
+    replace["attn1"] = attn1
+    transformer["patches_replace"] = replace
+    options["transformer_options"] = transformer
+    return options
+
+
+def make_attn1_replace(sigma: float, attention: Callable) -> Callable:
+    """Forge's attn1 replace signature: ``(q, k, v, extra_options) -> out``; q is (B, N, heads*d)."""
+
+    def smoothed_attention(q, k, v, extra_options):
+        latent_h, latent_w = extra_options["original_shape"][-2:]
+        height, width = token_grid(q.shape[-2], latent_h, latent_w)
+        return attention(blur_queries(q, height, width, sigma), k, v, extra_options["n_heads"])
+
+    return smoothed_attention
+
+
+@dataclass
+class ForgePass:
+    scale: float
+    sigma: float
+    branch: str
+    start: float
+    end: float
+    keys: list[tuple[str, int]]
+
+
+class ForgeGuidance:
+    """SEG for one Forge sampling pass: the post-CFG function and the step it is on."""
+
+    def __init__(
+        self,
+        settings: ForgePass,
+        evaluate: Callable,
+        attention: Callable,
+        warn: Callable[[str], None] | None = None,
+    ):
+        self.settings = settings
+        self.evaluate = evaluate  # backend.sampling.sampling_function.calc_cond_uncond_batch
+        self.patch = make_attn1_replace(settings.sigma, attention)
+        self.warn = warn or (lambda message: log.warning("SEG: %s", message))
+        self.step = (0, 1)
+        self.steps_guided = 0
+        self.failed = False
+        self._original_unet = None
+        self._installed_unet = None
+        self._sd_model = None
+
+    def on_denoiser(self, sampling_step: int, total_steps: int) -> None:
+        self.step = (sampling_step, total_steps)
+
+    def post_cfg(self, args: dict) -> torch.Tensor:
+        denoised = args["denoised"]
+        settings = self.settings
+        if self.failed or not is_active_step(*self.step, settings.start, settings.end):
+            return denoised
+        try:
+            uncond_pred = args.get("uncond_denoised")
+            # with the cfg1 optimisation Forge runs no negative pass and hands zeros here
+            has_uncond = (
+                args.get("uncond") is not None and uncond_pred is not None and bool(uncond_pred.any())
+            )
+            source = smoothed_source(settings.branch, has_uncond)
+            conds = args["uncond"] if source == BRANCH_UNCOND else args["cond"]
+            options = with_attn1_replace(args["model_options"], self.patch, settings.keys)
+            smoothed, _ = self.evaluate(args["model"], conds, None, args["input"], args["sigma"], options)
+            prediction = uncond_pred if source == BRANCH_UNCOND else args["cond_denoised"]
+            self.steps_guided += 1
+            return denoised + seg_term(prediction, smoothed, settings.scale).to(denoised.dtype)
+        except Exception as error:  # never break the user's generation
+            self.failed = True
+            self.warn(f"guidance stopped for this pass: {error}")
+            return denoised
+
+    def install(self, sd_model) -> None:
+        """Clone the pass's UnetPatcher with our post-CFG function (idempotent: Forge calls the
+        pass hook twice in the hires pass, and a clone of a clone keeps our function once)."""
+        unet = sd_model.forge_objects.unet
+        patched = unet.clone()
+        functions = patched.model_options.get("sampler_post_cfg_function", [])
+        patched.model_options["sampler_post_cfg_function"] = [f for f in functions if not hasattr(f, MARKER)]
+        post_cfg = self.post_cfg_function()
+        patched.set_model_sampler_post_cfg_function(post_cfg)
+        sd_model.forge_objects.unet = patched
+        self._sd_model, self._original_unet, self._installed_unet = sd_model, unet, patched
+
+    def post_cfg_function(self) -> Callable:
+        def seg_post_cfg(args):
+            return self.post_cfg(args)
+
+        setattr(seg_post_cfg, MARKER, True)
+        return seg_post_cfg
+
+    def close(self) -> None:
+        """Put the unpatched UnetPatcher back if ours is still in place."""
+        sd_model = self._sd_model
+        if sd_model is not None and getattr(sd_model.forge_objects, "unet", None) is self._installed_unet:
+            sd_model.forge_objects.unet = self._original_unet
+        self._sd_model = self._original_unet = self._installed_unet = None
