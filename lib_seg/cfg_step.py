@@ -5,19 +5,27 @@ cond rows per image with AND prompts), calls its model once or in chunks (``batc
 off, prompt/negative token-length mismatch), may skip the negative rows (skip early CFG, NGMS),
 then combines. Through the CFG-denoiser callbacks this class
 
-1. ``on_denoiser``: arms a recorder of the model calls of this step (their exact inputs and
-   conditioning, padding included);
-2. ``on_denoised``: re-runs the rows SEG smooths (a copy of the negative row of each image, or
-   its positive rows) in one extra call with blurred queries, and computes the SEG term;
+1. ``on_denoiser``: inserts copies of the rows SEG smooths (each image's negative row, or its
+   positive rows) between the cond and uncond rows, so they are evaluated *in the webui's own
+   model call* ("one call"); their queries are blurred by the ``attn1`` patch, and the UNet blocks
+   before the first smoothed layer are computed once for a row and its copy ("shared prefix",
+   see ``prefix``). Where the layout does not allow it (the negative prompt has another token
+   length), it only arms a recorder of the webui's calls;
+2. ``on_denoised``: reads the smoothed predictions from the webui's output, or computes them in
+   one extra call from the recorded inputs ("separate" path, also the fallback when the webui
+   skipped the negative pass after all), and computes the SEG term;
 3. ``on_after_cfg``: adds that term to the webui's own CFG result.
 
-It never changes the webui's combination, and never raises into the sampler: a step it cannot
-map is left unguided with one warning.
+The webui's combination only reads the cond rows by index and the uncond rows at the end, so the
+inserted rows never enter it. A step this class cannot map is left unguided with one warning; it
+never raises into the sampler.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -27,9 +35,14 @@ from torch import nn
 from .batch_rows import CallRecord, gather_call
 from .guidance import BRANCH_UNCOND, smoothed_source
 from .patch import QueryBlurPatch
+from .prefix import PrefixSharing
 from .schedule import is_active_step
 
 log = logging.getLogger("sd_webui_seg")
+
+PATH_SHARED_PREFIX = "shared-prefix"
+PATH_ONE_CALL = "one-call"
+PATH_SEPARATE = "separate"
 
 
 @dataclass
@@ -52,6 +65,27 @@ def batch_size_of(cond) -> int:
     return int(cond.shape[0])
 
 
+def token_length_of(cond) -> int:
+    if isinstance(cond, dict):
+        cond = cond.get("crossattn", next(iter(cond.values())))
+    return int(cond.shape[1]) if cond.dim() > 2 else 1
+
+
+def _append_rows(value, rows: torch.Tensor, at: int):
+    """``value`` with ``value[rows]`` inserted at row ``at`` (tensors and SDXL dicts)."""
+    if isinstance(value, dict):
+        out = copy.copy(value)  # keeps A1111's DictWithShape and its .shape
+        for key, item in value.items():
+            out[key] = _append_rows(item, rows, at)
+        if hasattr(value, "shape") and "crossattn" in out:
+            out.shape = out["crossattn"].shape
+        return out
+    if isinstance(value, torch.Tensor) and value.dim():
+        index = rows.to(value.device)
+        return torch.cat([value[:at], value.index_select(0, index), value[at:]])
+    return value
+
+
 def cond_weights(denoiser, batch_size: int, cond_rows: int) -> list[list[float]]:
     """AND-prompt weights per image, in x_in row order (A1111 ``conds_list``)."""
     multicond = getattr(getattr(denoiser, "sampler", None), "sampler_extra_args", {}).get("cond")
@@ -65,80 +99,174 @@ def cond_weights(denoiser, batch_size: int, cond_rows: int) -> list[list[float]]
     raise ValueError(f"cannot map {cond_rows} prompt rows onto {batch_size} images")
 
 
+@dataclass
+class _Step:
+    denoiser: object
+    model: nn.Module
+    batch: int  # images
+    cond_rows: int  # rows of positive predictions (AND parts included)
+    weights: list[list[float]]
+    inserted: int = 0  # smoothed rows put into the webui's own call
+    inserted_source: str | None = None
+    shared_before: int = 0
+
+
 class CFGStepGuidance:
     """SEG for one sampling pass of an A1111-style CFG denoiser."""
 
-    def __init__(self, settings: PassSettings, warn: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        settings: PassSettings,
+        warn: Callable[[str], None] | None = None,
+        one_call: bool = True,
+        share_prefix: bool = True,
+    ):
         self.settings = settings
         self.warn = warn or (lambda message: log.warning("SEG: %s", message))
+        self.one_call = one_call
         self.patch = QueryBlurPatch(settings.attn1_modules, settings.sigma, unet=settings.unet)
-        self.steps_guided = 0
+        self.prefix = (
+            PrefixSharing(settings.unet, settings.attn1_modules) if one_call and share_prefix else None
+        )
+        self.paths: Counter[str] = Counter()
         self._warned: set[str] = set()
-        self._recorder = None
-        self._recorded_model: nn.Module | None = None
+        self._hooks: list = []
+        self._hooked_model: nn.Module | None = None
         self._records: list[CallRecord] = []
         self._recording = False
-        self._step: dict | None = None
+        self._offset = 0
+        self._step: _Step | None = None
         self._term: torch.Tensor | None = None
-        self._term_step: dict | None = None
+        self._term_denoiser = None
 
     # -- lifecycle -------------------------------------------------------------------------
     def close(self) -> None:
         """Remove every hook this pass installed; safe to call more than once."""
         self.patch.remove()
-        if self._recorder is not None:
-            self._recorder.remove()
-            self._recorder = None
+        if self.prefix is not None:
+            self.prefix.remove()
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
         self._recording = False
         self._records = []
         self._step = None
         self._term = None
+
+    @property
+    def steps_guided(self) -> int:
+        return sum(self.paths.values())
 
     def _warn_once(self, message: str) -> None:
         if message not in self._warned:
             self._warned.add(message)
             self.warn(message)
 
-    def _record(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self._recording and args and isinstance(args[0], torch.Tensor):
-            self._records.append(CallRecord(args, kwargs))
+    # -- the webui's model calls --------------------------------------------------------------
+    def _hook_model(self, model: nn.Module) -> None:
+        if model is self._hooked_model:
+            return
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = [
+            model.register_forward_pre_hook(self._before_call, with_kwargs=True),
+            model.register_forward_hook(self._after_call),
+        ]
+        self._hooked_model = model
+
+    def _before_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        step = self._step
+        if not self._recording or step is None or not args or not isinstance(args[0], torch.Tensor):
+            return
+        record = CallRecord(args, kwargs)
+        self._records.append(record)
+        start, self._offset = self._offset, self._offset + record.rows
+        if not step.inserted:
+            return
+        # the calls cover the step's rows in order: find the smoothed rows inside this one
+        first = step.cond_rows
+        smoothed = [
+            row - start for row in range(first, first + step.inserted) if start <= row < start + record.rows
+        ]
+        self.patch.rows = smoothed or None
+        if self.prefix is not None and smoothed:
+            sources = [self._source_row(step, row + start) - start for row in smoothed]
+            inside = all(0 <= source < record.rows for source in sources)
+            self.prefix.plan = (smoothed, sources) if inside else None
+
+    def _after_call(self, module: nn.Module, args: tuple, output) -> None:
+        self.patch.rows = None
+        if self.prefix is not None:
+            self.prefix.plan = None
+
+    @staticmethod
+    def _source_row(step: _Step, row: int) -> int:
+        """Row (in the step's layout with inserted rows) that inserted ``row`` copies."""
+        index = row - step.cond_rows
+        if step.inserted_source == BRANCH_UNCOND:
+            return step.cond_rows + step.inserted + index
+        return index
 
     # -- callbacks ---------------------------------------------------------------------------
-    def on_denoiser(self, x_in, text_uncond, denoiser, sampling_step: int, total_steps: int) -> None:
-        """CFGDenoiserParams time: decide whether this step is guided and arm the recorder."""
-        self._step, self._term, self._records = None, None, []
+    def on_denoiser(self, params) -> None:
+        """CFGDenoiserParams time: decide whether this step is guided; put the smoothed rows into
+        the webui's batch where its layout allows it; arm the call recorder."""
+        self._step, self._term, self._records, self._offset = None, None, [], 0
         settings = self.settings
-        if not is_active_step(sampling_step, total_steps, settings.start, settings.end):
+        if not is_active_step(
+            params.sampling_step, params.total_sampling_steps, settings.start, settings.end
+        ):
             return
+        denoiser = params.denoiser
         model = getattr(denoiser, "inner_model", None)
         if not isinstance(model, nn.Module):
             self._warn_once("the denoiser has no model to call; SEG skipped")
             return
-        if model is not self._recorded_model:
-            if self._recorder is not None:
-                self._recorder.remove()
-            self._recorder = model.register_forward_pre_hook(self._record, with_kwargs=True)
-            self._recorded_model = model
-        self._step = {
-            "rows": int(x_in.shape[0]),
-            "batch": batch_size_of(text_uncond),
-            "denoiser": denoiser,
-            "model": model,
-            "index": sampling_step,
-        }
+        self._hook_model(model)
+        batch = batch_size_of(params.text_uncond)
+        cond_rows = int(params.x.shape[0]) - batch
+        try:
+            weights = cond_weights(denoiser, batch, cond_rows)
+        except ValueError as error:
+            self._warn_once(f"step left unguided: {error}")
+            return
+        step = _Step(denoiser, model, batch, cond_rows, weights)
+        if self.one_call:
+            self._insert_smoothed_rows(params, step)
+        if self.prefix is not None:
+            step.shared_before = self.prefix.shared_calls
+        self._step = step
         self._recording = True
 
+    def _insert_smoothed_rows(self, params, step: _Step) -> None:
+        source = smoothed_source(self.settings.branch, True)
+        if source == BRANCH_UNCOND:
+            if token_length_of(params.text_cond) != token_length_of(params.text_uncond):
+                return  # the webui runs these rows in separate calls: no room for ours
+            rows = torch.arange(step.cond_rows, step.cond_rows + step.batch)
+            text = params.text_uncond
+        else:
+            rows = torch.arange(step.cond_rows)
+            text = params.text_cond
+        at = step.cond_rows
+        params.x = _append_rows(params.x, rows, at)
+        params.sigma = _append_rows(params.sigma, rows, at)
+        if isinstance(params.image_cond, torch.Tensor) and params.image_cond.shape[0] == params.x.shape[
+            0
+        ] - len(rows):
+            params.image_cond = _append_rows(params.image_cond, rows, at)
+        params.text_cond = _concat_text(params.text_cond, text)
+        step.inserted, step.inserted_source = len(rows), source
+
     def on_denoised(self, x_out: torch.Tensor) -> None:
-        """CFGDenoisedParams time: run the smoothed rows and keep the SEG term for this step."""
+        """CFGDenoisedParams time: the smoothed predictions, and the SEG term for this step."""
         self._recording = False
         step, self._step = self._step, None
         if step is None:
             return
         try:
             self._term = self._smoothed_term(step, x_out)
-            if self._term is not None:
-                self._term_step = step
-                self.steps_guided += 1
+            self._term_denoiser = step.denoiser
         except Exception as error:  # never break the user's generation
             self._term = None
             self._warn_once(f"step left unguided: {error}")
@@ -150,7 +278,7 @@ class CFGStepGuidance:
         term, self._term = self._term, None
         if term is None or term.shape != denoised.shape:
             return denoised
-        denoiser = self._term_step["denoiser"]
+        denoiser = self._term_denoiser
         if getattr(denoiser, "mask", None) is not None and not getattr(
             denoiser, "mask_before_denoising", False
         ):
@@ -159,45 +287,70 @@ class CFGStepGuidance:
         return denoised + term.to(denoised.dtype)
 
     # -- the smoothed rows ---------------------------------------------------------------------
-    def _smoothed_term(self, step: dict, x_out: torch.Tensor) -> torch.Tensor | None:
-        batch, rows = step["batch"], step["rows"]
-        cond_rows = rows - batch
-        # The webui's own calls come first and cover exactly `rows` rows (or `cond_rows` when it
-        # skipped the negative pass); calls after them belong to other extensions.
-        prefix_rows, records, found = 0, [], None
+    def _webui_calls(self, step: _Step) -> tuple[list[CallRecord], bool]:
+        """The webui's own calls of this step (calls after them belong to other extensions) and
+        whether they included the negative rows."""
+        full = step.cond_rows + step.inserted + step.batch
+        without_uncond = step.cond_rows + step.inserted
+        total, found, has_uncond = 0, None, False
         for index, record in enumerate(self._records):
-            prefix_rows += record.rows
-            if prefix_rows == rows:
-                found = index + 1
+            total += record.rows
+            if total == full:
+                found, has_uncond = index + 1, True
                 break
-            if prefix_rows == cond_rows and found is None:
+            if total == without_uncond and found is None:
                 found = index + 1
         if found is None:
-            raise ValueError(f"the model calls cover {prefix_rows} rows, expected {rows} or {cond_rows}")
-        records = self._records[:found]
-        recorded = sum(record.rows for record in records)
-        has_uncond = recorded == rows
+            raise ValueError(f"the model calls cover {total} rows, expected {full} or {without_uncond}")
+        return self._records[:found], has_uncond
+
+    def _smoothed_term(self, step: _Step, x_out: torch.Tensor) -> torch.Tensor | None:
+        records, has_uncond = self._webui_calls(step)
         source = smoothed_source(self.settings.branch, has_uncond)
-        weights = cond_weights(step["denoiser"], batch, cond_rows)
-        source_rows = list(range(cond_rows, rows) if source == BRANCH_UNCOND else range(cond_rows))
-        args, kwargs = gather_call(records, source_rows)
-        self.patch.rows = slice(None)
-        try:
-            with torch.no_grad():
-                smoothed = step["model"](*args, **kwargs)
-        finally:
-            self.patch.rows = None
+        if step.inserted and step.inserted_source == source:
+            first = step.cond_rows
+            smoothed = x_out[first : first + step.inserted]
+            source_rows = [self._source_row(step, row) for row in range(first, first + step.inserted)]
+            shared = self.prefix is not None and self.prefix.shared_calls > step.shared_before
+            path = PATH_SHARED_PREFIX if shared else PATH_ONE_CALL
+        else:
+            # rows not in the webui's call (or copies of a negative pass the webui then skipped):
+            # evaluate them in one extra call from the recorded inputs
+            layout_rows = step.cond_rows + step.inserted
+            source_rows = list(range(layout_rows, layout_rows + step.batch) if source == BRANCH_UNCOND else
+                               range(step.cond_rows))  # fmt: skip
+            args, kwargs = gather_call(records, source_rows)
+            self.patch.rows = slice(None)
+            try:
+                with torch.no_grad():
+                    smoothed = step.model(*args, **kwargs)
+            finally:
+                self.patch.rows = None
+            path = PATH_SEPARATE
         if self.patch.failure is not None:
             self._warn_once(self.patch.failure)
             return None
         difference = x_out[source_rows] - smoothed.to(x_out.dtype)
+        self.paths[path] += 1
         if source == BRANCH_UNCOND:
             return difference * self.settings.scale
-        term = torch.zeros_like(x_out[:batch])
+        term = torch.zeros_like(x_out[: step.batch])
         row = 0
-        for image, image_weights in enumerate(weights):
+        for image, image_weights in enumerate(step.weights):
             norm = sum(abs(w) for w in image_weights) or 1.0
             for weight in image_weights:
                 term[image] += difference[row] * (weight / norm)
                 row += 1
         return term * self.settings.scale
+
+
+def _concat_text(first, second):
+    """Text conditioning rows of ``second`` appended after ``first`` (tensor or SDXL dict)."""
+    if isinstance(first, dict):
+        out = copy.copy(first)
+        for key, item in first.items():
+            out[key] = torch.cat([item, second[key]])
+        if hasattr(first, "shape") and "crossattn" in out:
+            out.shape = out["crossattn"].shape
+        return out
+    return torch.cat([first, second])

@@ -67,6 +67,11 @@ class SEGController:
         """``forge_backend()`` returns Forge's ``(calc_cond_uncond_batch, attention_function)``."""
         self.current_model = current_model
         self.forge_backend = forge_backend
+        # how A1111 evaluates the smoothed rows: inside the webui's own model call when the batch
+        # layout allows it (sharing the UNet blocks before the first smoothed layer), else in one
+        # extra call. Both off = always the extra call (what the bench compares against).
+        self.one_call = True
+        self.share_prefix = True
         self.guidance: CFGStepGuidance | ForgeGuidance | None = None
         self.pass_p = None
 
@@ -160,12 +165,17 @@ class SEGController:
         else:
             modules = [module for _, module in matched]
             settings = PassSettings(scale, sigma, params.branch, params.start, params.end, modules, unet)
-            self.guidance = CFGStepGuidance(settings, warn=warn)
+            self.guidance = CFGStepGuidance(settings, warn=warn, one_call=self.one_call,
+                                            share_prefix=self.share_prefix)  # fmt: skip
         self.pass_p = p
 
     def end_pass(self) -> None:
         if self.guidance is not None:
             self.guidance.close()
+            paths = getattr(self.guidance, "paths", None)
+            if paths:
+                log.info("SEG: %d guided evaluations (%s)", sum(paths.values()),
+                         ", ".join(f"{path}: {count}" for path, count in paths.items()))  # fmt: skip
         self.guidance = None
         self.pass_p = None
 
@@ -194,13 +204,7 @@ class SEGController:
         if isinstance(guidance, ForgeGuidance):
             guidance.on_denoiser(params.sampling_step, params.total_sampling_steps)
         elif guidance is not None:
-            guidance.on_denoiser(
-                params.x,
-                params.text_uncond,
-                params.denoiser,
-                params.sampling_step,
-                params.total_sampling_steps,
-            )
+            guidance.on_denoiser(params)
 
     def on_cfg_denoised(self, params) -> None:
         if isinstance(self.guidance, CFGStepGuidance):

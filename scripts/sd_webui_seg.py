@@ -101,6 +101,8 @@ class SmoothedEnergyGuidanceScript(scripts.Script):
 
     def process(self, p, *args):
         if not HOOKS_DISABLED:
+            controller.one_call = bool(getattr(shared.opts, "seg_one_call", True))
+            controller.share_prefix = bool(getattr(shared.opts, "seg_share_prefix", True))
             controller.process(p, args)
 
     def process_before_every_sampling(self, p, *args, **kwargs):
@@ -126,6 +128,12 @@ def on_ui_settings():
         "seg_default_branch": shared.OptionInfo(defaults.branch, "Default smoothed branch", gr.Radio,
                                                 {"choices": ["uncond", "cond"]}),
         "seg_default_layers": shared.OptionInfo(defaults.layers, "Default blocks (e.g. middle, input 7-8)"),
+        "seg_one_call": shared.OptionInfo(
+            True, "Evaluate SEG's smoothed rows in the webui's own model call (faster; +1 row per image)",
+            gr.Checkbox),
+        "seg_share_prefix": shared.OptionInfo(
+            True, "Share the UNet blocks before the first smoothed layer with the source rows (exact, faster)",
+            gr.Checkbox),
     }  # fmt: skip
     for key, option in options.items():
         option.section = SETTINGS_SECTION

@@ -236,9 +236,15 @@ LAYOUTS = {
 }
 
 
+STRATEGIES = {"shared-prefix": (True, True), "one-call": (True, False), "separate": (False, False)}
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
 @pytest.mark.parametrize("branch", ["uncond", "cond"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_step_equals_spec_formula_for_every_batch_layout(webui, layout, branch):
+def test_step_equals_spec_formula_for_every_batch_layout(webui, layout, branch, strategy):
+    opts = webui.shared.opts
+    opts.seg_one_call, opts.seg_share_prefix = STRATEGIES[strategy]
     spec = LAYOUTS[layout]
     for key, value in spec.get("opts", {}).items():
         setattr(webui.shared.opts, key, value)
@@ -286,8 +292,9 @@ def test_samplers_guide_every_scheduled_evaluation(webui, heun):
         generate(webui, args_for(), batch=2, heun=heun, steps=4)
     finally:
         handle.remove()
-    assert len(calls) == 2 * plain  # one extra call per evaluation (uncond rows: batch 2)
-    assert all(n == 2 for n in calls[1::2])
+    # the smoothed copies of the 2 negative rows ride in the webui's own call: no extra call
+    assert len(calls) == plain
+    assert calls == [6] * plain
 
 
 def test_schedule_limits_the_guided_steps(webui):
@@ -297,11 +304,11 @@ def test_schedule_limits_the_guided_steps(webui):
         generate(webui, args_for(start=0.25, end=0.75), steps=4)
     finally:
         handle.remove()
-    assert len(calls) == 4 + 2  # steps 1 and 2 of 4 are guided
+    assert calls == [2, 3, 3, 2]  # steps 1 and 2 of 4 carry the smoothed row
 
 
-@pytest.mark.parametrize(("mode", "extra_calls_in_hires"), [("same", 2), ("off", 0), ("custom", 2)])
-def test_hires_modes(webui, monkeypatch, mode, extra_calls_in_hires):
+@pytest.mark.parametrize(("mode", "hires_rows"), [("same", 3), ("off", 2), ("custom", 3)])
+def test_hires_modes(webui, monkeypatch, mode, hires_rows):
     unet = webui.shared.sd_model.model.diffusion_model
     sigmas_used = []
     original_init = QueryBlurPatch.__init__
@@ -316,7 +323,7 @@ def test_hires_modes(webui, monkeypatch, mode, extra_calls_in_hires):
         generate(webui, args_for(sigma=4, hires=mode, hires_scale=1.0, hires_sigma=2), steps=2, hires=True)
     finally:
         handle.remove()
-    assert len(calls) == 2 + 2 + 2 + extra_calls_in_hires
+    assert calls == [3, 3, hires_rows, hires_rows]
     assert sigmas_used == {"same": [4.0, 4.0], "off": [4.0], "custom": [4.0, 2.0]}[mode]
 
 
@@ -340,7 +347,7 @@ def test_refiner_switch_moves_the_patch_to_the_new_unet(webui):
         denoiser.model_wrap = None
         webui.shared.state.sampling_step = 1
         denoiser(x, torch.full((1,), 1.0), neg, cond, 5.0, 0.0, torch.zeros(1, 5, 1, 1))
-        assert len(calls) == 2  # the webui's call and SEG's extra call, both on the refiner
+        assert calls == [3]  # the webui's call, with SEG's smoothed row, runs on the refiner
     finally:
         handle.remove()
         webui.script.postprocess(p, None, *args)
@@ -424,23 +431,44 @@ def test_api_dict_and_positional_forms_agree(webui):
     assert torch.equal(positional, named)
 
 
-def test_exception_inside_the_extra_pass_leaves_no_hooks(webui, monkeypatch):
-    unet = webui.shared.sd_model.model.diffusion_model
+def failing_unet(monkeypatch, unet, failing_call):
     original = type(unet).forward
     state = {"calls": 0}
 
     def failing(self, *args, **kwargs):
         state["calls"] += 1
-        if state["calls"] == 2:
+        if state["calls"] == failing_call:
             raise RuntimeError("out of memory")
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(type(unet), "forward", failing)
+    return lambda: monkeypatch.setattr(type(unet), "forward", original)
+
+
+def test_exception_inside_the_separate_pass_only_stops_guidance(webui, monkeypatch):
+    webui.shared.opts.seg_one_call = False
+    unet = webui.shared.sd_model.model.diffusion_model
+    restore = failing_unet(monkeypatch, unet, failing_call=2)  # SEG's own extra call of step 0
     _, p = generate(webui, args_for(), steps=2)
-    monkeypatch.setattr(type(unet), "forward", original)
+    restore()
     assert "out of memory" in p.extra_generation_params["SEG warning"]
     assert_no_hooks(unet)
-    assert torch.equal(off_output(webui), off_output(webui))
+
+
+def test_exception_in_the_webuis_call_leaves_nothing_for_the_next_generation(webui, monkeypatch):
+    # with SEG's rows in the webui's own call, a failure there (e.g. out of memory) ends the
+    # generation as it would without SEG; the next generation starts clean
+    unet = webui.shared.sd_model.model.diffusion_model
+    baseline = off_output(webui)
+    restore = failing_unet(monkeypatch, unet, failing_call=2)
+    p = sw.Processing()
+    webui.script.process(p, *args_for())
+    webui.script.process_before_every_sampling(p, *args_for())
+    with pytest.raises(RuntimeError, match="out of memory"):
+        sw.sample(webui, p, torch.randn(1, 4, *LATENT), sw.sigmas(3), conds([4]), uncond(1, 4), 7.0)
+    restore()
+    assert torch.equal(off_output(webui), baseline)
+    assert_no_hooks(unet)
 
 
 def test_interrupt_then_cleanup(webui):
@@ -590,6 +618,11 @@ def test_settings_defaults_reach_the_ui(webui):
     assert components[1].value == 2.0 and components[2].value == "10"
     webui.shared.opts.seg_default_sigma = "bogus"
     assert webui.script.ui(False)[2].value == "inf"
+    assert {"seg_one_call", "seg_share_prefix"} <= set(webui.shared.opts.data_labels)
+    webui.shared.opts.seg_one_call = False
+    assert guided_paths(webui, args_for()) == {"separate": 1}
+    webui.shared.opts.seg_one_call, webui.shared.opts.seg_share_prefix = True, False
+    assert guided_paths(webui, args_for()) == {"one-call": 1}
 
 
 def test_preload_flag_disables_every_hook(monkeypatch, shared_unet):
@@ -613,3 +646,62 @@ def test_install_py_runs_without_error():
     import runpy
 
     runpy.run_path(str(sw.ROOT / "install.py"))
+
+
+def guided_paths(webui, args, **kw):
+    """Run one denoiser step and return which evaluation path SEG used."""
+    controller = webui.script_module.controller
+    seen = {}
+    original = controller.end_pass
+
+    def spy():
+        if controller.guidance is not None and not seen:
+            seen.update(controller.guidance.paths)
+        original()
+
+    controller.end_pass = spy
+    try:
+        one_step(webui, args, conds([4, 4]), uncond(2, kw.pop("neg_len", 4)), **kw)
+    finally:
+        controller.end_pass = original
+    return seen
+
+
+def test_the_path_taken_follows_the_layout(webui, monkeypatch):
+    assert guided_paths(webui, args_for()) == {"shared-prefix": 1}
+    assert guided_paths(webui, args_for(layers="input 1, middle")) == {"shared-prefix": 1}  # input 0 shared
+    assert guided_paths(webui, args_for(), neg_len=8) == {"separate": 1}  # negative of another length
+    assert guided_paths(webui, args_for(branch="cond"), neg_len=8) == {"shared-prefix": 1}
+    webui.shared.opts.skip_early_cond = 1.0  # the webui drops the negative rows after SEG placed copies
+    assert guided_paths(webui, args_for()) == {"separate": 1}
+    webui.shared.opts.skip_early_cond = 0.0
+    webui.shared.opts.seg_share_prefix = False
+    assert guided_paths(webui, args_for()) == {"one-call": 1}
+    webui.shared.opts.seg_one_call = False
+    assert guided_paths(webui, args_for()) == {"separate": 1}
+
+
+def test_a_wrapped_unet_forward_is_not_shared(webui, monkeypatch):
+    unet = webui.shared.sd_model.model.diffusion_model
+    original = unet.forward
+    monkeypatch.setattr(unet, "forward", lambda *a, **k: original(*a, **k), raising=False)
+    assert guided_paths(webui, args_for()) == {"one-call": 1}
+    monkeypatch.delattr(unet, "forward")
+
+
+def test_shared_prefix_equals_full_recomputation(webui):
+    cond, neg = conds([[4, 4], 4], weights={0: [1.0, 0.5]}), uncond(2, 4)
+    results = {}
+    for strategy, flags in STRATEGIES.items():
+        for branch in ("uncond", "cond"):
+            webui.shared.opts.seg_one_call, webui.shared.opts.seg_share_prefix = flags
+            results[strategy, branch] = one_step(
+                webui, args_for(scale=2.0, sigma=2, branch=branch), cond, neg
+            )[0]
+    for branch in ("uncond", "cond"):
+        torch.testing.assert_close(
+            results["shared-prefix", branch], results["separate", branch], atol=1e-4, rtol=1e-4
+        )
+        torch.testing.assert_close(
+            results["one-call", branch], results["separate", branch], atol=1e-4, rtol=1e-4
+        )
