@@ -114,10 +114,11 @@ class Bench:
         # as the webui runs half-precision weights: under autocast (fp32 timestep embeddings)
         return torch.autocast(self.device.type, dtype=torch.float16, enabled=self.dtype == torch.float16)
 
-    def step(self, args, batch, size, path=None):
+    def step(self, args, batch, size, path=None, warmup=True):
         """Time one CFG denoiser step (after one warm-up) and its peak memory."""
-        if path is not None:
-            self.controller.one_call, self.controller.share_prefix = PATHS[path]
+        if path is not None:  # the Settings options the script reads at every generation
+            opts = self.webui.shared.opts
+            opts.seg_one_call, opts.seg_share_prefix = PATHS[path]
         height, width = size[0] // 8, size[1] // 8
         g = torch.Generator().manual_seed(0)
         kw = dict(device=self.device, dtype=self.dtype)
@@ -138,7 +139,8 @@ class Bench:
         state = self.webui.shared.state
         state.sampling_step, state.sampling_steps = 0, 10
         with torch.no_grad(), self.autocast():
-            denoiser(x, sigma, neg, cond, 7.0, 0.0, image_cond)  # warm-up
+            if warmup:
+                denoiser(x, sigma, neg, cond, 7.0, 0.0, image_cond)
             _synchronize(self.device)
             base = _reset_peak(self.device)
             start = time.perf_counter()
@@ -191,16 +193,37 @@ def main():
     parser.add_argument("--sigmas", nargs="+", default=["inf"])
     parser.add_argument("--layers", nargs="+", default=["middle"])
     parser.add_argument("--repeats", type=int, default=1, help="timed steps per measurement (median)")
+    parser.add_argument(
+        "--warmup",
+        choices=["each", "first"],
+        default="each",
+        help="an untimed step before every measurement, or only before a configuration's first",
+    )
+    parser.add_argument(
+        "--attention",
+        choices=["sdp", "ldm"],
+        default="sdp",
+        help="sdp: torch's scaled_dot_product_attention, as the webui's sdp optimisation "
+        "swaps in; ldm: ldm's own einsum softmax",
+    )
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--plot", help="write a PNG of SEG/CFG step-time ratio vs batch size here")
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = torch.float16 if args.half else torch.float32
+    if args.attention == "sdp":
+        from attention_backends import sdp_forward
+        from ldm.modules.attention import CrossAttention
+
+        CrossAttention.forward = sdp_forward
     bench = Bench(device, dtype)
     name = (
         torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     )
-    print(f"SD1.5 UNet architecture (random weights), {dtype}, {name}, torch {torch.__version__}")
+    print(
+        f"SD1.5 UNet architecture (random weights), {dtype}, {args.attention} attention, {name}, "
+        f"torch {torch.__version__}"
+    )
     rows = []
     for size_text in args.sizes:
         size = tuple(int(v) for v in size_text.split("x"))
@@ -212,14 +235,15 @@ def main():
                     off_args = SEGParams(enabled=True, sigma=sigma, layers=layers, start=0.5).to_args()
                     measured = {key: [] for key in ("cfg", "off-schedule", *PATHS)}
                     memory, path_seen = {}, {}
-                    for _ in range(args.repeats):  # interleaved, so drift hits every path alike
+                    for repeat in range(args.repeats):  # interleaved, so drift hits every path alike
                         for key in measured:
+                            warm = args.warmup == "each" or (repeat == 0 and key == "cfg")
                             if key == "cfg":
-                                t, m, seen = bench.step([False], batch, size)
+                                t, m, seen = bench.step([False], batch, size, warmup=warm)
                             elif key == "off-schedule":
-                                t, m, seen = bench.step(off_args, batch, size, "shared-prefix")
+                                t, m, seen = bench.step(off_args, batch, size, "shared-prefix", warmup=warm)
                             else:
-                                t, m, seen = bench.step(seg_args, batch, size, key)
+                                t, m, seen = bench.step(seg_args, batch, size, key, warmup=warm)
                             measured[key].append(t)
                             memory[key] = max(memory.get(key, 0), m)
                             path_seen[key] = seen
@@ -238,7 +262,9 @@ def main():
                               f"  ran: {path_seen[key] or '-'}")  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": name, "dtype": str(dtype), "rows": rows}, f, indent=1)
+            json.dump(
+                {"device": name, "dtype": str(dtype), "attention": args.attention, "rows": rows}, f, indent=1
+            )
     if args.plot:
         from plot import ratio_plot
 

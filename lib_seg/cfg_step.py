@@ -74,12 +74,7 @@ def token_length_of(cond) -> int:
 def _append_rows(value, rows: torch.Tensor, at: int):
     """``value`` with ``value[rows]`` inserted at row ``at`` (tensors and SDXL dicts)."""
     if isinstance(value, dict):
-        out = copy.copy(value)  # keeps A1111's DictWithShape and its .shape
-        for key, item in value.items():
-            out[key] = _append_rows(item, rows, at)
-        if hasattr(value, "shape") and "crossattn" in out:
-            out.shape = out["crossattn"].shape
-        return out
+        return _dict_like(value, {key: _append_rows(item, rows, at) for key, item in value.items()})
     if isinstance(value, torch.Tensor) and value.dim():
         index = rows.to(value.device)
         return torch.cat([value[:at], value.index_select(0, index), value[at:]])
@@ -347,10 +342,13 @@ class CFGStepGuidance:
 def _concat_text(first, second):
     """Text conditioning rows of ``second`` appended after ``first`` (tensor or SDXL dict)."""
     if isinstance(first, dict):
-        out = copy.copy(first)
-        for key, item in first.items():
-            out[key] = torch.cat([item, second[key]])
-        if hasattr(first, "shape") and "crossattn" in out:
-            out.shape = out["crossattn"].shape
-        return out
+        return _dict_like(first, {key: torch.cat([item, second[key]]) for key, item in first.items()})
     return torch.cat([first, second])
+
+
+def _dict_like(template: dict, items: dict) -> dict:
+    """``items`` in a dict of ``template``'s class (A1111's SDXL ``DictWithShape``, whose
+    ``shape`` is a property of its ``crossattn`` entry)."""
+    out = copy.copy(template)
+    out.update(items)
+    return out

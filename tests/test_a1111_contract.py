@@ -705,3 +705,26 @@ def test_shared_prefix_equals_full_recomputation(webui):
         torch.testing.assert_close(
             results["one-call", branch], results["separate", branch], atol=1e-4, rtol=1e-4
         )
+
+
+def test_sdxl_dict_conditioning_keeps_its_class_and_shape():
+    from lib_seg.cfg_step import _append_rows, _concat_text
+
+    class DictWithShape(dict):  # A1111's SDXL conditioning: shape is a read-only property
+        def __init__(self, x, shape=None):
+            super().__init__()
+            self.update(x)
+
+        @property
+        def shape(self):
+            return self["crossattn"].shape
+
+    cond = DictWithShape({"crossattn": torch.randn(3, 77, 8), "vector": torch.randn(3, 5)})
+    joined = _concat_text(
+        cond, DictWithShape({"crossattn": torch.randn(2, 77, 8), "vector": torch.randn(2, 5)})
+    )
+    assert type(joined) is DictWithShape and joined.shape == (5, 77, 8) and joined["vector"].shape == (5, 5)
+    inserted = _append_rows(cond, torch.tensor([2]), 1)
+    assert type(inserted) is DictWithShape and inserted.shape[0] == 4
+    assert torch.equal(inserted["vector"][1], cond["vector"][2])
+    assert cond.shape[0] == 3  # the webui's own object is left as it was

@@ -167,6 +167,15 @@ def test_hires_with_a_non_latent_upscaler_and_inpaint(webui, baseline):
     assert "SEG scale" in inpainted["info"] and "SEG warning" not in inpainted["info"]
 
 
+def test_the_log_names_the_evaluation_path(webui):
+    if webui.log is None:
+        pytest.skip("the webui's log is only known when the tests start the webui")
+    if webui.forge:
+        pytest.skip("Forge evaluates the smoothed branch in its post-CFG function")
+    txt2img(webui, [True])
+    assert "guided evaluations (shared-prefix: 4)" in webui.log.read_text(errors="ignore")
+
+
 def test_nothing_left_behind(webui, baseline):
     # last in this file: after every request above, SEG off is still bit-identical
     assert txt2img(webui)["images"][0] == baseline["images"][0]
