@@ -250,7 +250,8 @@ def main():
                     times = {key: statistics.median(v) for key, v in measured.items()}
                     blur = bench.blur_time(batch, size, sigma, layers)
                     row = {"size": size_text, "layers": layers, "sigma": sigma_text, "batch": batch,
-                           "times": times, "memory": memory, "paths": path_seen, "blur": blur}  # fmt: skip
+                           "times": times, "samples": measured, "memory": memory, "paths": path_seen,
+                           "blur": blur}  # fmt: skip
                     rows.append(row)
                     print(f"\n{size_text} layers={layers!r} sigma={sigma_text} batch={batch}"
                           f"  (blur of the smoothed rows: {blur * 1000:.2f} ms = "
