@@ -8,6 +8,7 @@ else (scalars, broadcast tensors) is passed through unchanged.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
@@ -32,10 +33,27 @@ def concat_rows(parts: Sequence):
     if isinstance(first, torch.Tensor):
         return torch.cat(list(parts)) if first.dim() else first
     if isinstance(first, dict):
-        return {key: concat_rows([part[key] for part in parts]) for key in first}
+        return dict_like(first, {key: concat_rows([part[key] for part in parts]) for key in first})
     if isinstance(first, list | tuple):
         return type(first)(concat_rows([part[i] for part in parts]) for i in range(len(first)))
     return first
+
+
+def insert_rows(value, rows: torch.Tensor, at: int):
+    """``value`` with its own rows ``rows`` inserted again at row ``at`` (tensors and dicts)."""
+    if isinstance(value, dict):
+        return dict_like(value, {key: insert_rows(item, rows, at) for key, item in value.items()})
+    if isinstance(value, torch.Tensor) and value.dim():
+        return torch.cat([value[:at], value.index_select(0, rows.to(value.device)), value[at:]])
+    return value
+
+
+def dict_like(template: dict, items: dict) -> dict:
+    """``items`` in a dict of ``template``'s class (A1111's SDXL ``DictWithShape``, whose
+    ``shape`` is a property of its ``crossattn`` entry); ``template`` itself is left as it was."""
+    out = copy.copy(template)
+    out.update(items)
+    return out
 
 
 class CallRecord:

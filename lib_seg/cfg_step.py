@@ -23,7 +23,6 @@ never raises into the sampler.
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -32,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .batch_rows import CallRecord, gather_call
+from .batch_rows import CallRecord, concat_rows, gather_call, insert_rows
 from .guidance import BRANCH_UNCOND, smoothed_source
 from .patch import QueryBlurPatch
 from .prefix import PrefixSharing
@@ -69,16 +68,6 @@ def token_length_of(cond) -> int:
     if isinstance(cond, dict):
         cond = cond.get("crossattn", next(iter(cond.values())))
     return int(cond.shape[1]) if cond.dim() > 2 else 1
-
-
-def _append_rows(value, rows: torch.Tensor, at: int):
-    """``value`` with ``value[rows]`` inserted at row ``at`` (tensors and SDXL dicts)."""
-    if isinstance(value, dict):
-        return _dict_like(value, {key: _append_rows(item, rows, at) for key, item in value.items()})
-    if isinstance(value, torch.Tensor) and value.dim():
-        index = rows.to(value.device)
-        return torch.cat([value[:at], value.index_select(0, index), value[at:]])
-    return value
 
 
 def cond_weights(denoiser, batch_size: int, cond_rows: int) -> list[list[float]]:
@@ -147,10 +136,6 @@ class CFGStepGuidance:
         self._records = []
         self._step = None
         self._term = None
-
-    @property
-    def steps_guided(self) -> int:
-        return sum(self.paths.values())
 
     def _warn_once(self, message: str) -> None:
         if message not in self._warned:
@@ -244,13 +229,13 @@ class CFGStepGuidance:
             rows = torch.arange(step.cond_rows)
             text = params.text_cond
         at = step.cond_rows
-        params.x = _append_rows(params.x, rows, at)
-        params.sigma = _append_rows(params.sigma, rows, at)
+        params.x = insert_rows(params.x, rows, at)
+        params.sigma = insert_rows(params.sigma, rows, at)
         if isinstance(params.image_cond, torch.Tensor) and params.image_cond.shape[0] == params.x.shape[
             0
         ] - len(rows):
-            params.image_cond = _append_rows(params.image_cond, rows, at)
-        params.text_cond = _concat_text(params.text_cond, text)
+            params.image_cond = insert_rows(params.image_cond, rows, at)
+        params.text_cond = concat_rows([params.text_cond, text])
         step.inserted, step.inserted_source = len(rows), source
 
     def on_denoised(self, x_out: torch.Tensor) -> None:
@@ -337,18 +322,3 @@ class CFGStepGuidance:
                 term[image] += difference[row] * (weight / norm)
                 row += 1
         return term * self.settings.scale
-
-
-def _concat_text(first, second):
-    """Text conditioning rows of ``second`` appended after ``first`` (tensor or SDXL dict)."""
-    if isinstance(first, dict):
-        return _dict_like(first, {key: torch.cat([item, second[key]]) for key, item in first.items()})
-    return torch.cat([first, second])
-
-
-def _dict_like(template: dict, items: dict) -> dict:
-    """``items`` in a dict of ``template``'s class (A1111's SDXL ``DictWithShape``, whose
-    ``shape`` is a property of its ``crossattn`` entry)."""
-    out = copy.copy(template)
-    out.update(items)
-    return out

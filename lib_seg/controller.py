@@ -24,7 +24,14 @@ from torch import nn
 from .cfg_step import CFGStepGuidance, PassSettings
 from .forge import ForgeGuidance, ForgePass, patch_keys
 from .layers import resolve_attn1
-from .params import INFOTEXT_KEYS, INFOTEXT_WARNING_KEY, SEGParamError, SEGParams, values_from_args
+from .params import (
+    INFOTEXT_KEYS,
+    INFOTEXT_WARNING_KEY,
+    SEGParamError,
+    SEGParams,
+    parse_bool,
+    values_from_args,
+)
 from .xyz_axes import overrides_of
 
 log = logging.getLogger("sd_webui_seg")
@@ -216,14 +223,12 @@ class SEGController:
 
 
 def _enabled_hint(args: Sequence[object], p) -> bool:
-    """Whether the user meant SEG on, for deciding to report an invalid request."""
+    """Whether the user meant SEG on, for deciding to report an invalid request: an XYZ override,
+    args that cannot be read, or an ``enabled`` that is on or is no boolean at all."""
     if overrides_of(p):
         return True
     try:
-        values = values_from_args(args)
+        enabled = values_from_args(args).get("enabled")
+        return enabled is not None and parse_bool("enabled", enabled)
     except SEGParamError:
         return True
-    enabled = values.get("enabled")
-    return enabled is True or (
-        isinstance(enabled, str) and enabled.strip().lower() not in ("false", "0", "", "no", "off")
-    )

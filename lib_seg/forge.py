@@ -91,7 +91,6 @@ class ForgeGuidance:
         self.patch = make_attn1_replace(settings.sigma, attention)
         self.warn = warn or (lambda message: log.warning("SEG: %s", message))
         self.step = (0, 1)
-        self.steps_guided = 0
         self.failed = False
         self._original_unet = None
         self._installed_unet = None
@@ -116,7 +115,6 @@ class ForgeGuidance:
             options = with_attn1_replace(args["model_options"], self.patch, settings.keys)
             smoothed, _ = self.evaluate(args["model"], conds, None, args["input"], args["sigma"], options)
             prediction = uncond_pred if source == BRANCH_UNCOND else args["cond_denoised"]
-            self.steps_guided += 1
             return denoised + seg_term(prediction, smoothed, settings.scale).to(denoised.dtype)
         except Exception as error:  # never break the user's generation
             self.failed = True

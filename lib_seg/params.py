@@ -54,7 +54,8 @@ class SEGParamError(ValueError):
         super().__init__(f"SEG setting '{name}': {reason} (got {value!r})")
 
 
-def _bool(name: str, value: object) -> bool:
+def parse_bool(name: str, value: object) -> bool:
+    """A boolean from True/False, 0/1 or their usual spellings; SEGParamError otherwise."""
     if isinstance(value, bool):
         return value
     if isinstance(value, int | float) and not isinstance(value, bool) and value in (0, 1):
@@ -156,7 +157,7 @@ class SEGParams:
         out: dict[str, object] = {}
         for key, value in given.items():
             if key == "enabled":
-                out[key] = _bool(key, value)
+                out[key] = parse_bool(key, value)
             elif key in ("scale", "hires_scale"):
                 out[key] = _clamped(key, value, *SCALE_RANGE, notes)
             elif key in ("sigma", "hires_sigma"):

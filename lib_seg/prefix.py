@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .batch_rows import select_rows
 from .layers import unet_blocks
 
 _PLAIN_FORWARDS = ("UNetModel.forward", "create_unet_forward.<locals>.UNetModel_forward")
@@ -54,16 +55,6 @@ def why_not_shareable(unet: nn.Module) -> str | None:
     ):
         return "global module hooks are installed"
     return None
-
-
-def _select(value, index: torch.Tensor, batch: int):
-    if isinstance(value, torch.Tensor):
-        return value.index_select(0, index) if value.dim() and value.shape[0] == batch else value
-    if isinstance(value, list | tuple):
-        return type(value)(_select(item, index, batch) for item in value)
-    if isinstance(value, dict):
-        return {key: _select(item, index, batch) for key, item in value.items()}
-    return value
 
 
 def _rows_equal(value, rows: torch.Tensor, sources: torch.Tensor, batch: int) -> bool:
@@ -127,7 +118,8 @@ class PrefixSharing:
             _rows_equal(args, rows, source_rows, batch) and _rows_equal(kwargs, rows, source_rows, batch)
         ):
             return  # not copies of their sources: compute every row in full
-        computed = [row for row in range(batch) if row not in set(smoothed)]
+        smoothed_set = set(smoothed)
+        computed = [row for row in range(batch) if row not in smoothed_set]
         position = {row: index for index, row in enumerate(computed)}
         source_of = dict(zip(smoothed, sources, strict=True))
         expand = [position[source_of.get(row, row)] for row in range(batch)]
@@ -145,7 +137,7 @@ class PrefixSharing:
         if self._active is None:
             return None
         computed, _, batch = self._active
-        return _select(args, computed, batch), _select(kwargs, computed, batch)
+        return select_rows(args, computed, batch), select_rows(kwargs, computed, batch)
 
     def _expand_rows(self, module, args, output):
         if self._active is None:

@@ -580,7 +580,15 @@ def test_xyz_axes_registered_once_and_turn_seg_on(webui):
     webui.callbacks.before_ui_callback()
     webui.callbacks.before_ui_callback()  # UI reload
     labels = [o.label for o in xyz.axis_options]
-    for label in ("[SEG] Scale", "[SEG] Sigma", "[SEG] Start", "[SEG] End", "[SEG] Layers", "[SEG] Branch"):
+    for label in (
+        "[SEG] Scale",
+        "[SEG] Sigma",
+        "[SEG] Start",
+        "[SEG] End",
+        "[SEG] Layers",
+        "[SEG] Branch",
+        "[SEG] Hires",
+    ):
         assert labels.count(label) == 1
     by_label = {o.label: o for o in xyz.axis_options}
     assert by_label["[SEG] Branch"].choices() == ["uncond", "cond"]
@@ -708,7 +716,7 @@ def test_shared_prefix_equals_full_recomputation(webui):
 
 
 def test_sdxl_dict_conditioning_keeps_its_class_and_shape():
-    from lib_seg.cfg_step import _append_rows, _concat_text
+    from lib_seg.batch_rows import concat_rows, insert_rows
 
     class DictWithShape(dict):  # A1111's SDXL conditioning: shape is a read-only property
         def __init__(self, x, shape=None):
@@ -720,11 +728,11 @@ def test_sdxl_dict_conditioning_keeps_its_class_and_shape():
             return self["crossattn"].shape
 
     cond = DictWithShape({"crossattn": torch.randn(3, 77, 8), "vector": torch.randn(3, 5)})
-    joined = _concat_text(
-        cond, DictWithShape({"crossattn": torch.randn(2, 77, 8), "vector": torch.randn(2, 5)})
+    joined = concat_rows(
+        [cond, DictWithShape({"crossattn": torch.randn(2, 77, 8), "vector": torch.randn(2, 5)})]
     )
     assert type(joined) is DictWithShape and joined.shape == (5, 77, 8) and joined["vector"].shape == (5, 5)
-    inserted = _append_rows(cond, torch.tensor([2]), 1)
+    inserted = insert_rows(cond, torch.tensor([2]), 1)
     assert type(inserted) is DictWithShape and inserted.shape[0] == 4
     assert torch.equal(inserted["vector"][1], cond["vector"][2])
     assert cond.shape[0] == 3  # the webui's own object is left as it was
