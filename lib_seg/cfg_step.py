@@ -17,7 +17,12 @@ then combines. Through the CFG-denoiser callbacks this class
 3. ``on_after_cfg``: adds that term to the webui's own CFG result.
 
 The webui's combination only reads the cond rows by index and the uncond rows at the end, so the
-inserted rows never enter it. A step this class cannot map is left unguided with one warning; it
+inserted rows never enter it. Two cases keep the webui's batch as it is and take the separate path:
+a UNet whose forward another extension replaced (ControlNet's hook reads per-row control data and
+may assume the webui's own ``[cond, uncond]`` layout; the separate call is shaped like the webui's
+own calls with *batch cond/uncond* off, which such wrappers support), and a pass in which the
+enlarged call ran out of memory (that call is then finished as two calls, and the rest of the pass
+evaluates the smoothed rows separately). A step this class cannot map is left unguided with one warning; it
 never raises into the sampler.
 """
 
@@ -31,8 +36,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .batch_rows import CallRecord, concat_rows, gather_call, insert_rows
+from .batch_rows import CallRecord, concat_rows, gather_call, insert_rows, select_rows
 from .guidance import BRANCH_UNCOND, smoothed_source
+from .memory import free_cached_memory, is_out_of_memory
 from .patch import QueryBlurPatch
 from .prefix import PrefixSharing
 from .schedule import is_active_step
@@ -42,6 +48,13 @@ log = logging.getLogger("sd_webui_seg")
 PATH_SHARED_PREFIX = "shared-prefix"
 PATH_ONE_CALL = "one-call"
 PATH_SEPARATE = "separate"
+
+
+def why_not_one_call(unet: nn.Module) -> str | None:
+    """None when SEG's rows may join the webui's own UNet call, else the reason."""
+    if "forward" in vars(unet):
+        return "the UNet's forward is replaced by another extension (e.g. ControlNet)"
+    return None
 
 
 @dataclass
@@ -116,6 +129,9 @@ class CFGStepGuidance:
         self._warned: set[str] = set()
         self._hooks: list = []
         self._hooked_model: nn.Module | None = None
+        self._guarded_forward = None
+        self._call_rows: tuple[list[int], int] | None = None  # smoothed rows of the running call
+        self._step_failed = False
         self._records: list[CallRecord] = []
         self._recording = False
         self._offset = 0
@@ -129,9 +145,7 @@ class CFGStepGuidance:
         self.patch.remove()
         if self.prefix is not None:
             self.prefix.remove()
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks = []
+        self._unhook_model()
         self._recording = False
         self._records = []
         self._step = None
@@ -146,13 +160,74 @@ class CFGStepGuidance:
     def _hook_model(self, model: nn.Module) -> None:
         if model is self._hooked_model:
             return
-        for handle in self._hooks:
-            handle.remove()
+        self._unhook_model()
         self._hooks = [
             model.register_forward_pre_hook(self._before_call, with_kwargs=True),
             model.register_forward_hook(self._after_call),
         ]
         self._hooked_model = model
+        if self.one_call:
+            self._guarded_forward = self._guard_out_of_memory(model.forward)
+            model.forward = self._guarded_forward
+
+    def _unhook_model(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+        model, self._hooked_model = self._hooked_model, None
+        guarded, self._guarded_forward = self._guarded_forward, None
+        if model is not None and guarded is not None and vars(model).get("forward") is guarded:
+            original = guarded.original
+            if getattr(original, "__self__", None) is model and original.__func__ is type(model).forward:
+                del model.forward
+            else:
+                model.forward = original
+        self._call_rows = None
+
+    def _guard_out_of_memory(self, forward: Callable) -> Callable:
+        """The model's forward, finishing a call that ran out of memory because of SEG's rows
+        without them, then evaluating those rows on their own."""
+
+        def seg_guarded_forward(*args, **kwargs):
+            try:
+                return forward(*args, **kwargs)
+            except Exception as error:
+                if self._call_rows is None or not is_out_of_memory(error):
+                    raise
+            # outside the except block: the failed call's activations are freed with the error
+            return self._split_call(forward, args, kwargs)
+
+        seg_guarded_forward.original = forward
+        return seg_guarded_forward
+
+    def _split_call(self, forward: Callable, args: tuple, kwargs: dict):
+        smoothed, batch = self._call_rows
+        self._after_call(None, args, None)
+        self.one_call = False  # the rest of this pass keeps the webui's batch as it is
+        self._warn_once(
+            "out of memory with SEG's rows in the webui's model call: this pass evaluates them in a "
+            "separate call (turn 'Evaluate SEG's smoothed rows in the webui's own model call' off to "
+            "start that way)"
+        )
+        free_cached_memory()
+        smoothed_set = set(smoothed)
+        kept = torch.tensor([row for row in range(batch) if row not in smoothed_set])
+        rows = torch.tensor(smoothed)
+        kept_out = forward(*select_rows(args, kept, batch), **select_rows(kwargs, kept, batch))
+        out = kept_out.new_zeros((batch, *kept_out.shape[1:]))
+        out[kept.to(out.device)] = kept_out
+        del kept_out
+        self.patch.rows = slice(None)
+        try:
+            smoothed_args, smoothed_kwargs = select_rows(args, rows, batch), select_rows(kwargs, rows, batch)
+            out[rows.to(out.device)] = forward(*smoothed_args, **smoothed_kwargs)
+        except Exception as error:
+            if not is_out_of_memory(error):
+                raise
+            self._step_failed = True
+        finally:
+            self.patch.rows = None
+        return out
 
     def _before_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         step = self._step
@@ -169,6 +244,7 @@ class CFGStepGuidance:
             row - start for row in range(first, first + step.inserted) if start <= row < start + record.rows
         ]
         self.patch.rows = smoothed or None
+        self._call_rows = (smoothed, record.rows) if smoothed else None
         if self.prefix is not None and smoothed:
             sources = [self._source_row(step, row + start) - start for row in smoothed]
             inside = all(0 <= source < record.rows for source in sources)
@@ -176,6 +252,7 @@ class CFGStepGuidance:
 
     def _after_call(self, module: nn.Module, args: tuple, output) -> None:
         self.patch.rows = None
+        self._call_rows = None
         if self.prefix is not None:
             self.prefix.plan = None
 
@@ -192,6 +269,7 @@ class CFGStepGuidance:
         """CFGDenoiserParams time: decide whether this step is guided; put the smoothed rows into
         the webui's batch where its layout allows it; arm the call recorder."""
         self._step, self._term, self._records, self._offset = None, None, [], 0
+        self._step_failed = False
         settings = self.settings
         if not is_active_step(
             params.sampling_step, params.total_sampling_steps, settings.start, settings.end
@@ -211,12 +289,19 @@ class CFGStepGuidance:
             self._warn_once(f"step left unguided: {error}")
             return
         step = _Step(denoiser, model, batch, cond_rows, weights)
-        if self.one_call:
+        if self.one_call and self._one_call_allowed():
             self._insert_smoothed_rows(params, step)
         if self.prefix is not None:
             step.shared_before = self.prefix.shared_calls
         self._step = step
         self._recording = True
+
+    def _one_call_allowed(self) -> bool:
+        reason = why_not_one_call(self.settings.unet)
+        if reason is not None and reason not in self._warned:
+            self._warned.add(reason)
+            log.info("SEG: smoothed rows in a separate call: %s", reason)
+        return reason is None
 
     def _insert_smoothed_rows(self, params, step: _Step) -> None:
         source = smoothed_source(self.settings.branch, True)
@@ -285,6 +370,10 @@ class CFGStepGuidance:
         return self._records[:found], has_uncond
 
     def _smoothed_term(self, step: _Step, x_out: torch.Tensor) -> torch.Tensor | None:
+        if self._step_failed:
+            self._warn_once("out of memory also for SEG's rows on their own: steps without room are "
+                            "left unguided")  # fmt: skip
+            return None
         records, has_uncond = self._webui_calls(step)
         source = smoothed_source(self.settings.branch, has_uncond)
         if step.inserted and step.inserted_source == source:

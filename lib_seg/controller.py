@@ -183,6 +183,10 @@ class SEGController:
             if paths:
                 log.info("SEG: %d guided evaluations (%s)", sum(paths.values()),
                          ", ".join(f"{path}: {count}" for path, count in paths.items()))  # fmt: skip
+            tiled = getattr(getattr(self.guidance, "patch", None), "tiled_calls", 0)
+            if tiled:
+                log.info("SEG: %d smoothed attention calls arrived in tiles (Hypertile); their queries "
+                         "were blurred over the whole image grid", tiled)  # fmt: skip
         self.guidance = None
         self.pass_p = None
 

@@ -20,6 +20,7 @@ from .blur import blur_queries
 from .grid import token_grid
 from .guidance import BRANCH_UNCOND, seg_term, smoothed_source
 from .layers import INPUT, MIDDLE, OUTPUT
+from .memory import free_cached_memory, is_out_of_memory
 from .schedule import is_active_step
 
 log = logging.getLogger("sd_webui_seg")
@@ -59,7 +60,10 @@ def make_attn1_replace(sigma: float, attention: Callable) -> Callable:
     """Forge's attn1 replace signature: ``(q, k, v, extra_options) -> out``; q is (B, N, heads*d)."""
 
     def smoothed_attention(q, k, v, extra_options):
-        latent_h, latent_w = extra_options["original_shape"][-2:]
+        batch, _, latent_h, latent_w = extra_options["original_shape"]
+        if q.shape[0] != batch:  # a patch before ours split the images (tiles): no grid to blur
+            raise ValueError(f"attn1 queries arrive as {q.shape[0]} rows for {batch} images (tiled by "
+                             "another extension); SEG cannot blur them")  # fmt: skip
         height, width = token_grid(q.shape[-2], latent_h, latent_w)
         return attention(blur_queries(q, height, width, sigma), k, v, extra_options["n_heads"])
 
@@ -117,6 +121,11 @@ class ForgeGuidance:
             prediction = uncond_pred if source == BRANCH_UNCOND else args["cond_denoised"]
             return denoised + seg_term(prediction, smoothed, settings.scale).to(denoised.dtype)
         except Exception as error:  # never break the user's generation
+            if is_out_of_memory(error):
+                free_cached_memory()
+                self.warn("out of memory evaluating the smoothed branch: steps without room are left "
+                          "unguided")  # fmt: skip
+                return denoised
             self.failed = True
             self.warn(f"guidance stopped for this pass: {error}")
             return denoised

@@ -7,20 +7,26 @@ from collections.abc import MutableMapping
 from .params import INFOTEXT_KEYS, SEGParams
 from .ui_spec import CONTROLS
 
+ENABLED_KEY = "SEG enabled"
+
 
 def enabled_from_infotext(params: MutableMapping[str, object]) -> bool:
-    """SEG is on exactly when the infotext carries ``SEG scale``."""
+    """SEG is on exactly when the infotext carries ``SEG scale`` (as found before
+    ``fill_absent_keys`` gave absent keys their defaults)."""
+    if ENABLED_KEY in params:
+        return str(params[ENABLED_KEY]) == "True"
     return INFOTEXT_KEYS["scale"] in params
 
 
 def fill_absent_keys(params: MutableMapping[str, object]) -> None:
     """Give every SEG key absent from a pasted infotext its default, so pasting restores every
-    control (the webui leaves a control unchanged for an absent key). ``SEG scale`` is left out:
-    its presence is what turns SEG on."""
+    control (the webui leaves a control unchanged for an absent key), ``SEG scale`` included. Its
+    presence is what turns SEG on, so that is recorded first, under ``SEG enabled``."""
+    params.setdefault(ENABLED_KEY, str(INFOTEXT_KEYS["scale"] in params))
     defaults = SEGParams()
     for control in CONTROLS:
         key = control.infotext_key
-        if key is None or key == INFOTEXT_KEYS["scale"] or key in params:
+        if key is None or key in params:
             continue
         params[key] = str(control.default(defaults))
 
@@ -38,7 +44,7 @@ class InfotextFlag(str):
         return enabled_from_infotext(params)
 
 
-ENABLED_FIELD = InfotextFlag("SEG enabled")
+ENABLED_FIELD = InfotextFlag(ENABLED_KEY)
 
 
 def paste_field_names() -> list[str]:

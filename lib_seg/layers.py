@@ -142,3 +142,24 @@ def resolve_attn1(unet: nn.Module, selection: LayerSelection) -> list[tuple[str,
             if _is_self_attention(block, name, module):
                 found.append((f"{prefix}.{name}", module))
     return found
+
+
+def attn1_levels(unet: nn.Module) -> dict[int, int]:
+    """The UNet level (0 = full latent resolution) of every self-attention module, keyed by
+    ``id(module)``, from the block structure: each input block holding a ``Downsample`` moves the
+    blocks after it one level down, each output block holding an ``Upsample`` one level up.
+
+    The level fixes a layer's token grid, so a wrapper that changes the tokens attn1 sees (token
+    merging, tiling) cannot pass for another level with the same token count."""
+    levels: dict[int, int] = {}
+    level = 0
+    for side, _, _, block in sorted(unet_blocks(unet), key=lambda item: _SIDE_ORDER.index(item[0])):
+        for name, module in block.named_modules():
+            if _is_self_attention(block, name, module):
+                levels[id(module)] = level
+        kinds = {type(module).__name__ for module in block.modules()}
+        if side == INPUT and "Downsample" in kinds:
+            level += 1
+        elif side == OUTPUT and "Upsample" in kinds:
+            level -= 1
+    return levels

@@ -431,14 +431,16 @@ def test_api_dict_and_positional_forms_agree(webui):
     assert torch.equal(positional, named)
 
 
-def failing_unet(monkeypatch, unet, failing_call):
+def failing_unet(monkeypatch, unet, failing_call=None, error=None, fails=None):
+    """The UNet raises ``error`` (the webui's out-of-memory error by default) on call number
+    ``failing_call``, or on every call whose batch size ``fails(batch)`` picks."""
     original = type(unet).forward
     state = {"calls": 0}
 
     def failing(self, *args, **kwargs):
         state["calls"] += 1
-        if state["calls"] == failing_call:
-            raise RuntimeError("out of memory")
+        if state["calls"] == failing_call or (fails is not None and fails(int(args[0].shape[0]))):
+            raise error or torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(type(unet), "forward", failing)
@@ -456,19 +458,49 @@ def test_exception_inside_the_separate_pass_only_stops_guidance(webui, monkeypat
 
 
 def test_exception_in_the_webuis_call_leaves_nothing_for_the_next_generation(webui, monkeypatch):
-    # with SEG's rows in the webui's own call, a failure there (e.g. out of memory) ends the
+    # with SEG's rows in the webui's own call, a failure there that is not about memory ends the
     # generation as it would without SEG; the next generation starts clean
     unet = webui.shared.sd_model.model.diffusion_model
     baseline = off_output(webui)
-    restore = failing_unet(monkeypatch, unet, failing_call=2)
+    restore = failing_unet(monkeypatch, unet, failing_call=2, error=ValueError("broken"))
     p = sw.Processing()
     webui.script.process(p, *args_for())
     webui.script.process_before_every_sampling(p, *args_for())
-    with pytest.raises(RuntimeError, match="out of memory"):
+    with pytest.raises(ValueError, match="broken"):
         sw.sample(webui, p, torch.randn(1, 4, *LATENT), sw.sigmas(3), conds([4]), uncond(1, 4), 7.0)
     restore()
     assert torch.equal(off_output(webui), baseline)
     assert_no_hooks(unet)
+
+
+def test_out_of_memory_with_seg_rows_finishes_the_step_as_a_separate_call(webui, monkeypatch):
+    unet = webui.shared.sd_model.model.diffusion_model
+    webui.shared.opts.seg_one_call = False
+    separate, _ = generate(webui, args_for(), batch=2)
+    webui.shared.opts.seg_one_call = True
+    restore = failing_unet(monkeypatch, unet, fails=lambda batch: batch > 4)  # the webui's call is 4 rows
+    wrappers, wrapper_class = [], sw.KDiffusionWrapper
+    monkeypatch.setattr(sw, "KDiffusionWrapper", type("Recorded", (wrapper_class,), {
+        "__init__": lambda self, model: (wrapper_class.__init__(self, model), wrappers.append(self))[0]
+    }))  # fmt: skip
+    guided, p = generate(webui, args_for(), batch=2)
+    restore()
+    torch.testing.assert_close(guided, separate, atol=1e-5, rtol=1e-5)
+    assert "out of memory with SEG's rows" in p.extra_generation_params["SEG warning"]
+    assert_no_hooks(unet)
+    assert wrappers and all("forward" not in vars(model) and not model._forward_hooks for model in wrappers)
+
+
+def test_out_of_memory_for_seg_rows_alone_leaves_those_steps_unguided(webui, monkeypatch):
+    unet = webui.shared.sd_model.model.diffusion_model
+    baseline = off_output(webui, batch=2)
+    restore = failing_unet(monkeypatch, unet, fails=lambda batch: batch != 4)  # only the webui's calls fit
+    guided, p = generate(webui, args_for(), batch=2)
+    restore()
+    assert torch.equal(guided, baseline)
+    warning = p.extra_generation_params["SEG warning"]
+    assert "out of memory also for SEG's rows" in warning or "step left unguided" in warning
+    assert torch.equal(off_output(webui, batch=2), baseline)
 
 
 def test_interrupt_then_cleanup(webui):
@@ -545,7 +577,11 @@ def test_pasting_defaults_and_no_seg(webui):
     written = {k: v for k, v in p.extra_generation_params.items() if k.startswith("SEG")}
     assert written == {"SEG scale": "3", "SEG sigma": "10"}
     assert SEGParams.from_args(paste_ui(webui, written)) == SEGParams(enabled=True, sigma=10.0)
-    assert paste_ui(webui, {"Steps": "20"})[0] is False
+    # an infotext without SEG keys turns SEG off and puts every control, scale included, back
+    webui.components[0].value, webui.components[1].value = True, 7.0
+    without_seg = paste_ui(webui, {"Steps": "20"})
+    assert without_seg[0] is False
+    assert SEGParams.from_args(without_seg) == SEGParams()
 
 
 def test_stale_keys_do_not_leak_into_the_next_xyz_cell(webui):
@@ -689,12 +725,38 @@ def test_the_path_taken_follows_the_layout(webui, monkeypatch):
     assert guided_paths(webui, args_for()) == {"separate": 1}
 
 
-def test_a_wrapped_unet_forward_is_not_shared(webui, monkeypatch):
+def test_a_wrapped_unet_forward_keeps_the_webuis_batch(webui, monkeypatch):
+    # another extension's forward may assume the webui's own [cond, uncond] layout: SEG's rows
+    # then go in a separate call, automatically, whatever the Settings switches say
     unet = webui.shared.sd_model.model.diffusion_model
     original = unet.forward
     monkeypatch.setattr(unet, "forward", lambda *a, **k: original(*a, **k), raising=False)
-    assert guided_paths(webui, args_for()) == {"one-call": 1}
+    assert guided_paths(webui, args_for()) == {"separate": 1}
     monkeypatch.delattr(unet, "forward")
+    assert guided_paths(webui, args_for()) == {"shared-prefix": 1}
+
+
+@pytest.mark.parametrize("branch", ["uncond", "cond"])
+def test_controlnet_applies_to_the_smoothed_rows_exactly_as_to_their_sources(webui, branch):
+    from standin_wrappers import ControlNetStandin
+
+    unet = webui.shared.sd_model.model.diffusion_model
+    cond, neg = conds([[4, 4], 4], weights={0: [1.0, 0.5]}), uncond(2, 4)
+    hint = torch.randn(1, 4, *LATENT, generator=torch.Generator().manual_seed(9))
+    controlnet = ControlNetStandin(unet, hint, neg)
+    try:
+        args = args_for(scale=2.0, sigma=math.inf, branch=branch)
+        out, x, sigma, p = one_step(webui, args, cond, neg)
+        again, *_ = one_step(webui, args, cond, neg)
+        expected = reference_step(webui, cond, neg, x, sigma, 5.0, 2.0, math.inf, branch)
+        calls = list(controlnet.calls)
+    finally:
+        controlnet.remove()
+    assert torch.equal(out, again)
+    torch.testing.assert_close(out, expected, atol=2e-4, rtol=1e-4)
+    smoothed_rows = 2 if branch == "uncond" else 3
+    assert calls[:2] == [5, smoothed_rows]  # the webui's own call unchanged, then SEG's rows
+    assert "SEG warning" not in p.extra_generation_params
 
 
 def test_shared_prefix_equals_full_recomputation(webui):

@@ -217,3 +217,31 @@ def test_same_parameters_same_smoothed_prediction_on_both_webuis(unet):
             patch.rows = slice(None)
             a1111_out = sf.apply_model(model, x, sigma, context, {"transformer_options": {}})
         torch.testing.assert_close(forge_out, a1111_out, atol=1e-4, rtol=1e-4)
+
+
+def test_out_of_memory_in_the_extra_pass_skips_only_that_step(forge, monkeypatch):
+    function = sys.modules["backend.sampling.sampling_function"]
+    evaluate, state = function.calc_cond_uncond_batch, {"calls": 0}
+
+    def short_of_memory_once(*args, **kwargs):
+        state["calls"] += 1
+        if state["calls"] == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(function, "calc_cond_uncond_batch", short_of_memory_once)
+    guided, p = generate(forge, on())
+    assert "out of memory" in p.extra_generation_params["SEG warning"]
+    assert state["calls"] > 2  # the steps after the failed one were guided again
+    monkeypatch.setattr(function, "calc_cond_uncond_batch", evaluate)
+    off, _ = generate(forge, [False])
+    assert not torch.equal(guided, off)
+
+
+def test_tiled_queries_are_refused_not_matched_to_another_level():
+    from lib_seg.forge import make_attn1_replace
+
+    replace = make_attn1_replace(math.inf, sf.attention_function)
+    q = torch.randn(4, 96, 16)  # 1 image of 16x24 tokens cut into 4 tiles of 96 = the 8x12 level
+    with pytest.raises(ValueError, match="tiled"):
+        replace(q, q, q, {"original_shape": [1, 4, 16, 24], "n_heads": 2})
