@@ -43,11 +43,18 @@ def patch_keys(attn1_names: Sequence[str]) -> list[tuple[str, int]]:
 
 def with_attn1_replace(model_options: dict, patch: Callable, keys: Sequence[tuple[str, int]]) -> dict:
     """A copy of ``model_options`` with ``patch`` as the attn1 replacement for ``keys``; the
-    original dicts are left untouched (Forge shares them with its regular evaluation)."""
+    original dicts are left untouched (Forge shares them with its regular evaluation). Forge looks
+    up a ``(block, id, transformer index)`` key before ``(block, id)``: such keys another extension
+    set on our blocks (SAG records the middle block's attention that way) are ours too in this
+    evaluation, or they would hide our patch."""
     options = dict(model_options)
     transformer = dict(options.get("transformer_options", {}))
     replace = dict(transformer.get("patches_replace", {}))
     attn1 = dict(replace.get("attn1", {}))
+    chosen = set(keys)
+    for key in list(attn1):
+        if len(key) == 3 and tuple(key[:2]) in chosen:
+            attn1[key] = patch
     for key in keys:
         attn1[key] = patch
     replace["attn1"] = attn1

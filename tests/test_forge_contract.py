@@ -195,6 +195,13 @@ def test_patch_keys_and_options_copy(unet):
     }
     assert base["transformer_options"]["patches_replace"]["attn1"] == {("input", 1): "theirs"}
     assert options["other"] == 1
+    # SAG's (block, id, index) key would win over ours in Forge's lookup: ours replaces it there
+    theirs = {("middle", 0, 0): "sag", ("input", 4, 0): "x"}
+    sag = {"transformer_options": {"patches_replace": {"attn1": theirs}}}
+    options = with_attn1_replace(sag, "ours", [("middle", 0)])
+    attn1 = options["transformer_options"]["patches_replace"]["attn1"]
+    assert attn1 == {("middle", 0, 0): "ours", ("middle", 0): "ours", ("input", 4, 0): "x"}
+    assert sag["transformer_options"]["patches_replace"]["attn1"][("middle", 0, 0)] == "sag"
 
 
 def test_same_parameters_same_smoothed_prediction_on_both_webuis(unet):
