@@ -7,7 +7,7 @@ from modules import script_callbacks, scripts, shared
 from modules.ui_components import InputAccordion
 
 from lib_seg.controller import SEGController
-from lib_seg.infotext import ENABLED_FIELD, fill_absent_keys, paste_field_names
+from lib_seg.infotext import ENABLED_FIELD, paste_field_names, value_fields
 from lib_seg.params import SEGParamError, SEGParams
 from lib_seg.ui_spec import CONTROLS, TITLE
 from lib_seg.xyz_axes import AXES, make_apply
@@ -92,10 +92,7 @@ class SmoothedEnergyGuidanceScript(scripts.Script):
                     )
         for component in components:
             component.do_not_save_to_config = component is enabled
-        self.infotext_fields = [(enabled, ENABLED_FIELD)] + [
-            (component, control.infotext_key)
-            for component, control in zip(components[1:], value_controls, strict=True)
-        ]
+        self.infotext_fields = [(enabled, ENABLED_FIELD), *zip(components[1:], value_fields(), strict=True)]
         self.paste_field_names = paste_field_names()
         return components
 
@@ -188,14 +185,9 @@ def on_before_ui():
     warn_about_title_clash()
 
 
-def on_infotext_pasted(infotext, params):
-    fill_absent_keys(params)
-
-
 if not HOOKS_DISABLED:
     script_callbacks.on_cfg_denoiser(controller.on_cfg_denoiser, name="sd_webui_seg")
     script_callbacks.on_cfg_denoised(controller.on_cfg_denoised, name="sd_webui_seg")
     script_callbacks.on_cfg_after_cfg(controller.on_cfg_after_cfg, name="sd_webui_seg")
-    script_callbacks.on_infotext_pasted(on_infotext_pasted, name="sd_webui_seg")
     script_callbacks.on_before_ui(on_before_ui, name="sd_webui_seg")
     script_callbacks.on_ui_settings(on_ui_settings, name="sd_webui_seg")

@@ -582,6 +582,10 @@ def test_pasting_defaults_and_no_seg(webui):
     without_seg = paste_ui(webui, {"Steps": "20"})
     assert without_seg[0] is False
     assert SEGParams.from_args(without_seg) == SEGParams()
+    # PNG info runs the same callbacks on the parsed parameters: they must stay as written
+    parsed = {"Steps": "20"}
+    webui.callbacks.infotext_pasted_callback("", parsed)
+    assert parsed == {"Steps": "20"}
 
 
 def test_stale_keys_do_not_leak_into_the_next_xyz_cell(webui):
