@@ -2,7 +2,7 @@
 
 Opt-in. Either point at a running webui that already has this extension installed:
     SEG_WEBUI_URL=http://127.0.0.1:7860
-or let the tests start one (the extension is symlinked into its extensions/ folder):
+or let the tests start one (the extension is copied into its extensions/ folder):
     SEG_WEBUI_ROOT=/path/to/stable-diffusion-webui  [SEG_WEBUI_PYTHON=/path/to/venv/bin/python]
     [SEG_WEBUI_ARGS="--ckpt /path/to/model.safetensors ..."]
 The webui (A1111 or Forge, told apart by Forge's ``backend/`` folder) must have a (random-weight is
@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -100,8 +101,10 @@ def webui(tmp_path_factory):
     link = root_path / "extensions" / "sd-webui-seg"
     created_link = False
     if not link.exists():
-        link.parent.mkdir(exist_ok=True)
-        link.symlink_to(ROOT, target_is_directory=True)
+        # a copy, as "git clone" installs it: Forge's file= route refuses a symlink that leads out
+        # of the webui folder, so a linked extension's JavaScript would not load there
+        skipped = (".git", ".venv", "venv", "__pycache__", "*.pyc", ".pytest_cache", ".ruff_cache", "out")
+        shutil.copytree(ROOT, link, ignore=shutil.ignore_patterns(*skipped))
         created_link = True
     python = os.environ.get("SEG_WEBUI_PYTHON", str(root_path / "venv" / "bin" / "python"))
     port = _free_port()
@@ -124,4 +127,4 @@ def webui(tmp_path_factory):
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
         if created_link:
-            link.unlink()
+            shutil.rmtree(link)
