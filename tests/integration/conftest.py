@@ -39,9 +39,9 @@ class WebUI:
     def __init__(self, url: str, log: Path | None = None, forge: bool | None = None):
         self.url = url.rstrip("/")
         self.log = log
-        if forge is None:  # a running server: Forge has its own command-line options
-            status, flags = self.get("/sdapi/v1/cmd-flags")
-            forge = status == 200 and "always_cpu" in (flags or {})
+        if forge is None:  # a running server: Forge has its own options (its cmd-flags route fails)
+            status, options = self.get("/sdapi/v1/options")
+            forge = status == 200 and any(key.startswith("forge_") for key in options or {})
         self.forge = forge
 
     def hires_fields(self) -> dict:
