@@ -34,11 +34,12 @@ Rows = slice | Sequence[int] | torch.Tensor | None
 
 
 @lru_cache(maxsize=64)
-def _tile_order_cpu(grid_h: int, grid_w: int, tiles_h: int, tiles_w: int) -> torch.Tensor:
+def _tile_order(grid_h: int, grid_w: int, tiles_h: int, tiles_w: int, device: torch.device) -> torch.Tensor:
     """Token positions, in the row-major grid, of the tokens of ``tiles_h × tiles_w`` tiles laid
-    out tile after tile (Hypertile's ``b (nh h nw w) c -> (b nh nw) (h w) c``)."""
+    out tile after tile (Hypertile's ``b (nh h nw w) c -> (b nh nw) (h w) c``); cached per device
+    so a step copies nothing to the GPU."""
     order = torch.arange(grid_h * grid_w).view(tiles_h, grid_h // tiles_h, tiles_w, grid_w // tiles_w)
-    return order.permute(0, 2, 1, 3).reshape(-1)
+    return order.permute(0, 2, 1, 3).reshape(-1).to(device)
 
 
 def _tile_orders(height: int, width: int, tiles: int):
@@ -243,7 +244,7 @@ class QueryBlurPatch:
             candidates.remove(self._last_tiling)
             candidates.insert(0, self._last_tiling)
         for candidate in candidates:
-            order = _tile_order_cpu(*candidate).to(untiled.device)
+            order = _tile_order(*candidate, untiled.device)
             if torch.equal(seen, original[:, order]):
                 self._last_tiling = candidate
                 return order
