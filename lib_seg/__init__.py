@@ -5,7 +5,6 @@ from .grid import token_grid
 from .guidance import BRANCHES, guided, seg_term, smoothed_source
 from .layers import LayerSelection, parse_layers, resolve_attn1
 from .params import ARG_NAMES, INFOTEXT_KEYS, SEGParamError, SEGParams
-from .patch import QueryBlurPatch
 from .schedule import is_active_step
 
 __all__ = [
@@ -13,7 +12,6 @@ __all__ = [
     "BRANCHES",
     "INFOTEXT_KEYS",
     "LayerSelection",
-    "QueryBlurPatch",
     "SEGParamError",
     "SEGParams",
     "blur_operator",

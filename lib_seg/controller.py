@@ -6,9 +6,11 @@ so everything below is testable with stand-ins. Lifecycle of one generation:
 - ``process``: validate the arguments (UI list, API list or dict, XYZ overrides), check the model,
   write or clear the infotext entries, report problems to the user;
 - ``start_pass`` (every sampling pass: first pass, hires pass): on A1111 install the query patch
-  and the step guidance for the current UNet (``cfg_step``); on Forge, detected by its
-  ``forge_objects``, clone its UnetPatcher with SEG's post-CFG function (``forge``);
-- ``on_cfg_*``: the CFG-denoiser callbacks drive ``CFGStepGuidance`` (Forge: they give the step);
+  and the step guidance for the current UNet (``backends/a1111``); on a Forge-family webui,
+  detected by the model's UNet patcher (Forge's ``backend``, or ``ldm_patched`` in reForge and
+  Forge Classic), clone that patcher with SEG's post-CFG function (``backends/model_patcher``);
+- ``on_cfg_*``: the CFG-denoiser callbacks drive ``CFGStepGuidance`` (Forge family: they give the
+  step);
 - ``end_pass`` (``post_sample``, ``postprocess_batch``, ``postprocess``, and the next
   generation's ``process``): remove every hook, whatever happened in between.
 """
@@ -21,8 +23,9 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .cfg_step import CFGStepGuidance, PassSettings
-from .forge import ForgeGuidance, ForgePass, patch_keys
+from .backends import A1111, backend_of, patcher_backend_of, unet_patcher_of
+from .backends.a1111.cfg_step import CFGStepGuidance, PassSettings
+from .backends.model_patcher import ForgeGuidance, ForgePass, patch_keys
 from .layers import resolve_attn1
 from .params import (
     INFOTEXT_KEYS,
@@ -38,21 +41,16 @@ log = logging.getLogger("sd_webui_seg")
 RUN_ATTRIBUTE = "seg_run"
 
 
-def is_forge(sd_model) -> bool:
-    return getattr(sd_model, "forge_objects", None) is not None
-
-
 def find_unet(sd_model) -> nn.Module | None:
-    """The SD1/SD2/SDXL UNet of a webui model (ldm/sgm on A1111, Forge's own UNet on Forge), or
-    None when SEG cannot work on it (SD3, Flux, instruct-pix2pix, anything without UNet blocks)."""
+    """The SD1/SD2/SDXL UNet of a webui model (ldm/sgm on A1111, the patcher's UNet on the Forge
+    family), or None when SEG cannot work on it (SD3, Flux, instruct-pix2pix, anything without
+    UNet blocks)."""
     if sd_model is None or getattr(sd_model, "is_sd3", False):
         return None
     if getattr(sd_model, "cond_stage_key", None) == "edit":  # instruct-pix2pix: 3-way CFG layout
         return None
-    if is_forge(sd_model):
-        holder = getattr(getattr(sd_model.forge_objects, "unet", None), "model", None)
-    else:
-        holder = getattr(sd_model, "model", None)
+    patcher = unet_patcher_of(sd_model)
+    holder = getattr(patcher if patcher is not None else sd_model, "model", None)
     unet = getattr(holder, "diffusion_model", None)
     if not isinstance(unet, nn.Module) or not all(
         hasattr(unet, name) for name in ("input_blocks", "middle_block", "output_blocks")
@@ -70,10 +68,8 @@ class Run:
 
 
 class SEGController:
-    def __init__(self, current_model: Callable[[], object], forge_backend: Callable[[], tuple] | None = None):
-        """``forge_backend()`` returns Forge's ``(calc_cond_uncond_batch, attention_function)``."""
+    def __init__(self, current_model: Callable[[], object]):
         self.current_model = current_model
-        self.forge_backend = forge_backend
         # how A1111 evaluates the smoothed rows: inside the webui's own model call when the batch
         # layout allows it (sharing the UNet blocks before the first smoothed layer), else in one
         # extra call. Both off = always the extra call (what the bench compares against).
@@ -117,10 +113,14 @@ class SEGController:
             return run
         for note in params.notes:
             self.report(p, run, note)
-        unet = find_unet(self.current_model())
+        sd_model = self.current_model()
+        unet = find_unet(sd_model)
         if unet is None:
             self.report(p, run, "SEG: this model has no SD1/SD2/SDXL UNet self-attention to smooth; "
                         "generated without SEG")  # fmt: skip
+            return run
+        if backend_of(sd_model) is None:
+            self.report(p, run, unknown_patcher_message(sd_model))
             return run
         matched = resolve_attn1(unet, params.selection)
         if not matched:
@@ -159,11 +159,17 @@ class SEGController:
         def warn(message: str) -> None:
             self.report(p, run, f"SEG: {message}")
 
-        if is_forge(sd_model):
-            if self.forge_backend is None:
-                self.report(p, run, "SEG: Forge's sampling backend is unavailable; SEG off")
+        if backend_of(sd_model) != A1111:
+            backend = patcher_backend_of(unet_patcher_of(sd_model))
+            if backend is None:
+                self.report(p, run, unknown_patcher_message(sd_model))
                 return
-            evaluate, attention = self.forge_backend()
+            try:
+                evaluate, attention = backend.entry_points()
+            except (AttributeError, ImportError) as error:
+                self.report(p, run, f"SEG: this webui's sampling functions are not where SEG looks "
+                            f"({error}); generated without SEG")  # fmt: skip
+                return
             keys = patch_keys([name for name, _ in matched])
             forge_pass = ForgePass(scale, sigma, params.branch, params.start, params.end, keys)
             guidance = ForgeGuidance(forge_pass, evaluate, attention, warn=warn)
@@ -224,6 +230,12 @@ class SEGController:
     def on_cfg_after_cfg(self, params) -> None:
         if isinstance(self.guidance, CFGStepGuidance):
             params.x = self.guidance.on_after_cfg(params.x)
+
+
+def unknown_patcher_message(sd_model) -> str:
+    cls = type(unet_patcher_of(sd_model))
+    return (f"SEG: this webui's model patcher ({cls.__module__}.{cls.__qualname__}) is not one SEG "
+            "knows; generated without SEG")  # fmt: skip
 
 
 def _enabled_hint(args: Sequence[object], p) -> bool:

@@ -26,15 +26,7 @@ DEFAULT_SETTINGS = {"scale": "seg_default_scale", "sigma": "seg_default_sigma",
 HOOKS_DISABLED = bool(getattr(shared.cmd_opts, "seg_disable", False))
 
 
-def forge_backend():
-    """Forge's batch evaluator and attention, imported only when a Forge model is in use."""
-    from backend.attention import attention_function
-    from backend.sampling.sampling_function import calc_cond_uncond_batch
-
-    return calc_cond_uncond_batch, attention_function
-
-
-controller = SEGController(current_model=lambda: shared.sd_model, forge_backend=forge_backend)
+controller = SEGController(current_model=lambda: shared.sd_model)
 
 
 def default_params() -> SEGParams:

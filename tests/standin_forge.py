@@ -12,7 +12,8 @@ that SEG uses, written for these tests from Forge's public signatures:
 - the Forge CFG denoiser's callback order (``on_cfg_denoiser`` -> sampling function ->
   ``on_cfg_after_cfg``; no ``on_cfg_denoised``) and the reset of ``forge_objects`` before every
   sampling pass (``modules/processing.py``).
-Nothing here is copied from Forge.
+Nothing here is copied from Forge. ``standin_ldm_patched`` reuses these pieces for reForge and
+Forge Classic, with their module names and their differences.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import sys
 import types
 
 import torch
@@ -28,13 +30,16 @@ import torch.nn.functional as F
 from lib_seg import parse_layers, resolve_attn1
 
 
-class UnetPatcher:
+class PatcherBase:
+    """What Forge's and ldm_patched's patchers share (SEG picks the backend by the real class's
+    module, so the webui-specific classes below carry their webui's module names)."""
+
     def __init__(self, model, model_options=None):
         self.model = model
         self.model_options = model_options if model_options is not None else {"transformer_options": {}}
 
     def clone(self):
-        return UnetPatcher(self.model, copy.deepcopy(self.model_options))
+        return type(self)(self.model, copy.deepcopy(self.model_options))
 
     def set_model_sampler_post_cfg_function(self, post_cfg_function, disable_cfg1_optimization=False):
         self.model_options["sampler_post_cfg_function"] = [
@@ -43,6 +48,14 @@ class UnetPatcher:
         ]
         if disable_cfg1_optimization:
             self.model_options["disable_cfg1_optimization"] = True
+
+
+class UnetPatcher(PatcherBase):
+    pass
+
+
+UnetPatcher.__module__ = "backend.patcher.unet"
+EVALUATOR_MODULE = "backend.sampling.sampling_function"
 
 
 def attention_function(q, k, v, heads, mask=None):
@@ -57,7 +70,7 @@ def attention_function(q, k, v, heads, mask=None):
 
 
 @contextlib.contextmanager
-def forge_attention(unet, transformer_options, latent_shape):
+def forge_attention(unet, transformer_options, latent_shape, extra_options=None):
     """Run the ldm UNet's attn1 layers the way Forge's transformer blocks do: a replace patch
     found under (block, id, index) or (block, id) gets to_q/to_k/to_v outputs and computes the
     attention; otherwise the layer's own attention runs."""
@@ -76,6 +89,7 @@ def forge_attention(unet, transformer_options, latent_shape):
             "original_shape": list(latent_shape),
             "block": block,
             "block_index": index,
+            **(extra_options or {}),
         }
 
         def forward(x, context=None, mask=None, module=module, patch=patch, extra=extra):
@@ -91,18 +105,23 @@ def forge_attention(unet, transformer_options, latent_shape):
             del module.forward
 
 
-def apply_model(model, x, sigma, context, model_options):
+def apply_model(model, x, sigma, context, model_options, extra_options=None):
     c_in = 1 / (sigma**2 + 1) ** 0.5
     t = (sigma * 100).round()
     unet = model.diffusion_model
-    with forge_attention(unet, model_options.get("transformer_options", {}), x.shape):
+    with forge_attention(unet, model_options.get("transformer_options", {}), x.shape, extra_options):
         eps = unet(x * c_in[:, None, None, None], t, context=context)
     return x - eps * sigma[:, None, None, None]
 
 
 def calc_cond_uncond_batch(model, cond, uncond, x_in, timestep, model_options):
     """Strength-weighted average over cond entries (and over uncond entries), batched in one call."""
-    entries = [(c, 0) for c in cond] + ([(u, 1) for u in uncond] if uncond is not None else [])
+    return tuple(calc_cond_batch(model, [cond, uncond], x_in, timestep, model_options))
+
+
+def calc_cond_batch(model, conds, x_in, timestep, model_options, extra_options=None):
+    """ComfyUI's list form: one strength-weighted average per list of cond entries (None: zeros)."""
+    entries = [(entry, kind) for kind, group in enumerate(conds) for entry in (group or [])]
     contexts = [e["cross_attn"] for e, _ in entries]
     length = max(c.shape[1] for c in contexts)
     if all(c.shape[1] == length for c in contexts):
@@ -112,16 +131,17 @@ def calc_cond_uncond_batch(model, cond, uncond, x_in, timestep, model_options):
             timestep.repeat(len(entries)),
             torch.cat(contexts),
             model_options,
+            extra_options,
         ).chunk(len(entries))
     else:
-        outputs = [apply_model(model, x_in, timestep, c, model_options) for c in contexts]
-    sums = [torch.zeros_like(x_in), torch.zeros_like(x_in)]
-    counts = [torch.full_like(x_in, 1e-37), torch.full_like(x_in, 1e-37)]
+        outputs = [apply_model(model, x_in, timestep, c, model_options, extra_options) for c in contexts]
+    sums = [torch.zeros_like(x_in) for _ in conds]
+    counts = [torch.full_like(x_in, 1e-37) for _ in conds]
     for (entry, kind), output in zip(entries, outputs, strict=True):
         strength = entry.get("strength", 1.0)
         sums[kind] += output * strength
         counts[kind] += strength
-    return sums[0] / counts[0], sums[1] / counts[1]
+    return [total / count for total, count in zip(sums, counts, strict=True)]
 
 
 def sampling_function_inner(model, x, timestep, uncond, cond, cond_scale, model_options):
@@ -140,8 +160,8 @@ def sampling_function_inner(model, x, timestep, uncond, cond, cond_scale, model_
     return cfg_result
 
 
-def forge_model(unet):
-    patcher = UnetPatcher(types.SimpleNamespace(diffusion_model=unet))
+def forge_model(unet, patcher_class=None):
+    patcher = (patcher_class or UnetPatcher)(types.SimpleNamespace(diffusion_model=unet))
     model = types.SimpleNamespace(
         forge_objects=types.SimpleNamespace(unet=patcher),
         forge_objects_after_applying_lora=types.SimpleNamespace(unet=patcher),
@@ -150,7 +170,7 @@ def forge_model(unet):
     return model
 
 
-def sample(webui, p, x, sigmas, cond, uncond, cond_scale):
+def sample(webui, p, x, sigmas, cond, uncond, cond_scale, sampling_function=None):
     """Forge's CFG denoiser loop (Euler): callbacks, then the patched UnetPatcher's options."""
     cb, state = webui.callbacks, webui.shared.state
     sd_model = webui.shared.sd_model
@@ -165,7 +185,9 @@ def sample(webui, p, x, sigmas, cond, uncond, cond_scale):
         )
         cb.cfg_denoiser_callback(params)
         unet = sd_model.forge_objects.unet
-        denoised = sampling_function_inner(unet.model, x, sigma, uncond, cond, cond_scale, unet.model_options)
+        denoised = (sampling_function or sampling_function_inner)(
+            unet.model, x, sigma, uncond, cond, cond_scale, unet.model_options
+        )
         after = cb.AfterCFGCallbackParams(denoised, state.sampling_step, state.sampling_steps)
         cb.cfg_after_cfg_callback(after)
         x = x + (x - after.x) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
@@ -175,3 +197,18 @@ def sample(webui, p, x, sigmas, cond, uncond, cond_scale):
 def reset_forge_objects(sd_model):
     """Forge restores the UnetPatcher from forge_objects_after_applying_lora before sampling."""
     sd_model.forge_objects = types.SimpleNamespace(unet=sd_model.forge_objects_after_applying_lora.unet)
+
+
+def install(monkeypatch):
+    """Forge's backend modules, as SEG imports them."""
+    backend = types.ModuleType("backend")
+    backend.__path__ = []
+    attention = types.ModuleType("backend.attention")
+    attention.attention_function = attention_function
+    sampling = types.ModuleType("backend.sampling")
+    sampling.__path__ = []
+    function = types.ModuleType(EVALUATOR_MODULE)
+    function.calc_cond_uncond_batch = calc_cond_uncond_batch
+    for name, module in {"backend": backend, "backend.attention": attention, "backend.sampling": sampling,
+                         EVALUATOR_MODULE: function}.items():  # fmt: skip
+        monkeypatch.setitem(sys.modules, name, module)

@@ -8,6 +8,11 @@ behaviour of the originals, not copied):
 - tomesd (A1111's token merging) swaps each transformer block's class for ``ToMeBlock``, whose
   forward hands ``attn1`` merged tokens (here: the mean of each group of ``group`` neighbours) and
   copies the result back to every token of the group.
+- mcmonkey's Dynamic Thresholding (A1111 extension) swaps the sampler's CFG denoiser for a
+  subclass whose ``combine_denoised`` takes ``x_out[:-n_uncond]`` as the cond predictions, stacks
+  them per image (``rows / n_uncond`` conds each, which must be whole) and sums the weighted
+  differences to the uncond rows; ``dynamic_thresholding_denoiser`` builds that subclass with the
+  thresholding itself left out (mimic scale = CFG scale), the row reading kept.
 """
 
 from __future__ import annotations
@@ -109,3 +114,21 @@ class ControlNetStandin:
 
     def remove(self) -> None:
         del self.unet.forward
+
+
+def dynamic_thresholding_denoiser(base: type) -> type:
+    """A subclass of the webui's CFG denoiser class ``base`` with Dynamic Thresholding's
+    ``combine_denoised``."""
+
+    class CustomCFGDenoiser(base):
+        def combine_denoised(self, x_out, conds_list, uncond, cond_scale):
+            n = uncond.shape[0]
+            cond, denoised_uncond = x_out[:-n], x_out[-n:]
+            weights = torch.tensor(conds_list).select(2, 1).reshape(n, -1, 1, 1, 1)
+            per_image = cond.shape[0] / n
+            assert per_image == int(per_image), "Expected # of conds per batch to be constant across batches"
+            stacked = cond.reshape((-1, int(per_image), *denoised_uncond.shape[1:]))
+            diff = (stacked - denoised_uncond.unsqueeze(1)) * weights
+            return denoised_uncond + diff.sum(1) * cond_scale
+
+    return CustomCFGDenoiser

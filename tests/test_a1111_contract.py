@@ -10,7 +10,8 @@ import standin_webui as sw
 import torch
 from unets import sd1_unet, sd2_unet
 
-from lib_seg import ARG_NAMES, INFOTEXT_KEYS, QueryBlurPatch, SEGParams, parse_layers, resolve_attn1
+from lib_seg import ARG_NAMES, INFOTEXT_KEYS, SEGParams, parse_layers, resolve_attn1
+from lib_seg.backends.a1111.patch import QueryBlurPatch
 from lib_seg.ui_spec import CONTROLS
 
 CTX = 32
@@ -166,13 +167,13 @@ def test_same_seed_same_params_reproduce(webui):
 
 
 # ---------------------------------------------------------------- one step against the formula
-def one_step(webui, args, cond, neg, cfg=5.0, mask=None):
+def one_step(webui, args, cond, neg, cfg=5.0, mask=None, denoiser_class=sw.CFGDenoiser):
     p = sw.Processing()
     webui.script.process(p, *args)
     webui.script.process_before_every_sampling(p, *args)
     batch = len(cond.batch)
     sampler = types.SimpleNamespace(sampler_extra_args={"cond": cond, "uncond": neg})
-    denoiser = sw.CFGDenoiser(sampler, webui, p)
+    denoiser = denoiser_class(sampler, webui, p)
     denoiser.total_steps = 4
     if mask is not None:
         denoiser.mask, denoiser.nmask, denoiser.init_latent = (
@@ -763,6 +764,38 @@ def test_controlnet_applies_to_the_smoothed_rows_exactly_as_to_their_sources(web
     assert "SEG warning" not in p.extra_generation_params
 
 
+@pytest.mark.parametrize("branch", ["uncond", "cond"])
+def test_a_replaced_cfg_combination_never_sees_the_smoothed_rows(webui, branch):
+    # Dynamic Thresholding reads every row before the uncond rows as a cond prediction: SEG's
+    # rows would enter its result as extra AND prompts, so they go in a separate call
+    from standin_wrappers import dynamic_thresholding_denoiser
+
+    custom = dynamic_thresholding_denoiser(sw.CFGDenoiser)
+    cond, neg = conds([[4, 4], [4, 4]], weights={0: [1.0, 0.5], 1: [0.7, 0.3]}), uncond(2, 4)
+    args = args_for(scale=2.0, sigma=math.inf, branch=branch)
+    out, x, sigma, p = one_step(webui, args, cond, neg, denoiser_class=custom)
+    again, *_ = one_step(webui, args, cond, neg, denoiser_class=custom)
+    expected = reference_step(webui, cond, neg, x, sigma, 5.0, 2.0, math.inf, branch)
+    assert torch.equal(out, again)
+    torch.testing.assert_close(out, expected, atol=2e-4, rtol=1e-4)
+    assert "SEG warning" not in p.extra_generation_params
+    seen = {}
+    controller = webui.script_module.controller
+    original = controller.end_pass
+
+    def spy():
+        seen.update(controller.guidance.paths if controller.guidance is not None else {})
+        original()
+
+    controller.end_pass = spy
+    try:
+        one_step(webui, args, cond, neg, denoiser_class=custom)
+    finally:
+        controller.end_pass = original
+    assert seen == {"separate": 1}
+    assert guided_paths(webui, args) == {"shared-prefix": 1}  # the webui's own combination again
+
+
 def test_shared_prefix_equals_full_recomputation(webui):
     cond, neg = conds([[4, 4], 4], weights={0: [1.0, 0.5]}), uncond(2, 4)
     results = {}
@@ -782,7 +815,7 @@ def test_shared_prefix_equals_full_recomputation(webui):
 
 
 def test_sdxl_dict_conditioning_keeps_its_class_and_shape():
-    from lib_seg.batch_rows import concat_rows, insert_rows
+    from lib_seg.backends.a1111.batch_rows import concat_rows, insert_rows
 
     class DictWithShape(dict):  # A1111's SDXL conditioning: shape is a read-only property
         def __init__(self, x, shape=None):

@@ -1,4 +1,6 @@
-"""The same script on Forge: the stand-in Forge pieces, driven through the script's hooks."""
+"""The same script on the Forge family: the stand-in pieces of Forge (``backend/``) and of
+reForge / Forge Classic (``ldm_patched``), driven through the script's hooks. Every test taking the
+``forge`` fixture runs on both."""
 
 import logging
 import math
@@ -7,12 +9,14 @@ import types
 
 import pytest
 import standin_forge as sf
+import standin_ldm_patched as sl
 import standin_webui as sw
 import torch
 from unets import sd1_unet
 
-from lib_seg import QueryBlurPatch, SEGParams, parse_layers, resolve_attn1
-from lib_seg.forge import MARKER, patch_keys, with_attn1_replace
+from lib_seg import SEGParams, parse_layers, resolve_attn1
+from lib_seg.backends.a1111.patch import QueryBlurPatch
+from lib_seg.backends.model_patcher import MARKER, patch_keys, with_attn1_replace
 
 CTX = 32
 LATENT = (16, 24)
@@ -23,26 +27,19 @@ def unet():
     return sd1_unet(model_channels=32, context_dim=CTX)
 
 
-def install_backend(monkeypatch):
-    """Forge's backend modules, as the script imports them."""
-    backend = types.ModuleType("backend")
-    backend.__path__ = []
-    attention = types.ModuleType("backend.attention")
-    attention.attention_function = sf.attention_function
-    sampling = types.ModuleType("backend.sampling")
-    sampling.__path__ = []
-    function = types.ModuleType("backend.sampling.sampling_function")
-    function.calc_cond_uncond_batch = sf.calc_cond_uncond_batch
-    for name, module in {"backend": backend, "backend.attention": attention, "backend.sampling": sampling,
-                         "backend.sampling.sampling_function": function}.items():  # fmt: skip
-        monkeypatch.setitem(sys.modules, name, module)
+BACKENDS = {
+    "forge": (sf, sf.sampling_function_inner),
+    "ldm_patched": (sl, sl.sampling_function),
+}
 
 
-@pytest.fixture
-def forge(monkeypatch, unet):
+@pytest.fixture(params=list(BACKENDS))
+def forge(request, monkeypatch, unet):
+    standin, sampling_function = BACKENDS[request.param]
     ui = sw.install(monkeypatch)
-    install_backend(monkeypatch)
-    ui.shared.sd_model = sf.forge_model(unet)
+    standin.install(monkeypatch)
+    ui.backend, ui.standin, ui.sampling_function = request.param, standin, sampling_function
+    ui.shared.sd_model = standin.forge_model(unet)
     ui.script_module = sw.load_script(ui)
     ui.script = ui.script_module.SmoothedEnergyGuidanceScript()
     ui.script.ui(False)
@@ -79,7 +76,7 @@ def generate(forge, args, *, batch=1, cfg=5.0, steps=3, hires=False, cond=None, 
             functions = options.get("sampler_post_cfg_function", [])
             assert sum(hasattr(f, MARKER) for f in functions) == (0 if forge.hires_off else 1)
         x = torch.randn(batch, 4, *LATENT, generator=torch.Generator().manual_seed(42))
-        out = sf.sample(forge, p, x, sw.sigmas(steps), cond, neg, cfg)
+        out = sf.sample(forge, p, x, sw.sigmas(steps), cond, neg, cfg, forge.sampling_function)
         forge.script.post_sample(p, None, *args)
         forge.script.postprocess_batch(p, *args)
     forge.script.postprocess(p, None, *args)
@@ -92,9 +89,10 @@ def on(**values):
 
 def test_off_is_bit_identical_to_no_extension(forge, monkeypatch, unet):
     bare = sw.install(monkeypatch)
-    bare.shared.sd_model = sf.forge_model(unet)
+    bare.shared.sd_model = forge.standin.forge_model(unet)
     x = torch.randn(1, 4, *LATENT, generator=torch.Generator().manual_seed(42))
-    baseline = sf.sample(bare, sw.Processing(), x, sw.sigmas(3), conds(1), conds(1, seed=9), 5.0)
+    baseline = sf.sample(bare, sw.Processing(), x, sw.sigmas(3), conds(1), conds(1, seed=9), 5.0,
+                         forge.sampling_function)  # fmt: skip
     off, _ = generate(forge, [False])
     on_out, p = generate(forge, on())
     assert torch.equal(off, baseline)
@@ -134,10 +132,83 @@ def test_step_matches_the_a1111_path_and_the_formula(forge, unet, branch, cfg, b
         forge.callbacks.CFGDenoiserParams(x, None, sigma, 0, 4, cond, neg, types.SimpleNamespace(p=p))
     )
     patched = forge.shared.sd_model.forge_objects.unet
-    out = sf.sampling_function_inner(patched.model, x, sigma, neg, cond, cfg, patched.model_options)
+    out = forge.sampling_function(patched.model, x, sigma, neg, cond, cfg, patched.model_options)
     forge.script.postprocess(p, None, *args)
     expected = reference(unet, x, sigma, cond, neg, cfg, 2.0, 3.0, branch, has_uncond=cfg != 1.0)
     torch.testing.assert_close(out, expected, atol=2e-4, rtol=1e-4)
+
+
+def additive_guidance(args):
+    """A post-CFG guidance of SAG's kind: a term from the predictions added to ``denoised``."""
+    return args["denoised"] + 0.5 * (args["cond_denoised"] - args["input"])
+
+
+def one_step(forge, args, theirs=None, order="before", cfg=5.0):
+    p = sw.Processing()
+    forge.script.process(p, *args)
+    sf.reset_forge_objects(forge.shared.sd_model)
+    objects = forge.shared.sd_model.forge_objects
+    if theirs is not None and order == "before":
+        objects.unet = objects.unet.clone()
+        objects.unet.set_model_sampler_post_cfg_function(theirs)
+    forge.script.process_before_every_sampling(p, *args)
+    if theirs is not None and order == "after":
+        objects.unet = objects.unet.clone()
+        objects.unet.set_model_sampler_post_cfg_function(theirs)
+    cond, neg = conds(2, (4, 6), strengths=[1.0, 0.5]), conds(2, seed=9)
+    x = torch.randn(2, 4, *LATENT, generator=torch.Generator().manual_seed(1)) * 3
+    sigma = torch.full((2,), 3.0)
+    forge.callbacks.cfg_denoiser_callback(
+        forge.callbacks.CFGDenoiserParams(x, None, sigma, 0, 4, cond, neg, types.SimpleNamespace(p=p))
+    )
+    patched = objects.unet
+    out = forge.sampling_function(patched.model, x, sigma, neg, cond, cfg, patched.model_options)
+    forge.script.postprocess(p, None, *args)
+    sf.reset_forge_objects(forge.shared.sd_model)
+    return out, x
+
+
+def test_other_post_cfg_guidance_composes_with_seg_in_either_order(forge):
+    plain, _x = one_step(forge, [False])
+    seg_only, _ = one_step(forge, on(scale=2.0))
+    theirs_only, _ = one_step(forge, [False], additive_guidance)
+    before, _ = one_step(forge, on(scale=2.0), additive_guidance, "before")
+    after, _ = one_step(forge, on(scale=2.0), additive_guidance, "after")
+    assert not torch.allclose(seg_only, plain) and not torch.allclose(theirs_only, plain)
+    torch.testing.assert_close(before, after, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(before, seg_only + theirs_only - plain, atol=1e-4, rtol=1e-4)
+
+
+def test_the_backend_follows_the_models_patcher(forge, unet):
+    from lib_seg.backends import backend_of
+
+    assert backend_of(forge.shared.sd_model) == forge.backend
+    assert backend_of(types.SimpleNamespace(model=types.SimpleNamespace(diffusion_model=unet))) == "a1111"
+
+
+def test_an_unknown_patcher_warns_and_generates_normally(forge, caplog, unet):
+    class OtherPatcher(sf.PatcherBase):
+        pass
+
+    OtherPatcher.__module__, OtherPatcher.__qualname__ = "some_other_webui.patcher", "OtherPatcher"
+    off, _ = generate(forge, [False])
+    model = forge.shared.sd_model
+    model.forge_objects_after_applying_lora.unet = OtherPatcher(model.forge_objects.unet.model)
+    sf.reset_forge_objects(model)
+    with caplog.at_level(logging.WARNING, logger="sd_webui_seg"):
+        out, p = generate(forge, on())
+    assert "some_other_webui.patcher.OtherPatcher" in p.extra_generation_params["SEG warning"]
+    assert "SEG scale" not in p.extra_generation_params
+    assert torch.equal(out, off)
+
+
+def test_the_smoothed_attention_keeps_the_webuis_precision(forge, monkeypatch):
+    if forge.backend != "ldm_patched":
+        pytest.skip("ldm_patched hands attn_precision to replace patches; Forge has none")
+    monkeypatch.setattr(sl, "ATTN_PRECISION", torch.float32)
+    sl.precisions.clear()
+    generate(forge, on())
+    assert sl.precisions and set(sl.precisions) == {torch.float32}
 
 
 @pytest.mark.parametrize(("mode", "hires_off"), [("same", False), ("off", True), ("custom", False)])
@@ -162,7 +233,7 @@ def test_schedule_and_reproducibility(forge):
 def test_flux_like_model_warns_and_generates_normally(forge, caplog):
     model = forge.shared.sd_model
     flux_like = types.SimpleNamespace(diffusion_model=torch.nn.Linear(2, 2))  # no UNet blocks
-    model.forge_objects.unet = sf.UnetPatcher(flux_like)
+    model.forge_objects.unet = forge.standin.UnetPatcher(flux_like)
     p = sw.Processing()
     with caplog.at_level(logging.WARNING, logger="sd_webui_seg"):
         forge.script.process(p, *on())
@@ -178,7 +249,7 @@ def test_failing_extra_pass_stops_guidance_not_the_image(forge, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(sys.modules["backend.sampling.sampling_function"], "calc_cond_uncond_batch", broken)
+    monkeypatch.setattr(sys.modules[forge.standin.EVALUATOR_MODULE], "calc_cond_uncond_batch", broken)
     out, p = generate(forge, on())
     assert "boom" in p.extra_generation_params["SEG warning"]
     assert torch.isfinite(out).all()
@@ -206,7 +277,7 @@ def test_patch_keys_and_options_copy(unet):
 
 def test_same_parameters_same_smoothed_prediction_on_both_webuis(unet):
     """The A1111 path (to_q hook) and the Forge path (attn1 replace) blur the same queries."""
-    from lib_seg.forge import make_attn1_replace
+    from lib_seg.backends.model_patcher import make_attn1_replace
 
     x = torch.randn(2, 4, *LATENT)
     sigma = torch.full((2,), 2.0)
@@ -227,7 +298,7 @@ def test_same_parameters_same_smoothed_prediction_on_both_webuis(unet):
 
 
 def test_out_of_memory_in_the_extra_pass_skips_only_that_step(forge, monkeypatch):
-    function = sys.modules["backend.sampling.sampling_function"]
+    function = sys.modules[forge.standin.EVALUATOR_MODULE]
     evaluate, state = function.calc_cond_uncond_batch, {"calls": 0}
 
     def short_of_memory_once(*args, **kwargs):
@@ -246,7 +317,7 @@ def test_out_of_memory_in_the_extra_pass_skips_only_that_step(forge, monkeypatch
 
 
 def test_tiled_queries_are_refused_not_matched_to_another_level():
-    from lib_seg.forge import make_attn1_replace
+    from lib_seg.backends.model_patcher import make_attn1_replace
 
     replace = make_attn1_replace(math.inf, sf.attention_function)
     q = torch.randn(4, 96, 16)  # 1 image of 16x24 tokens cut into 4 tiles of 96 = the 8x12 level

@@ -9,7 +9,8 @@ from attention_backends import BACKENDS, reference_attention
 from reference import conv2d_reference
 from unets import forward
 
-from lib_seg import QueryBlurPatch, parse_layers, resolve_attn1
+from lib_seg import parse_layers, resolve_attn1
+from lib_seg.backends.a1111.patch import QueryBlurPatch
 
 
 @pytest.fixture(params=list(BACKENDS))

@@ -9,7 +9,8 @@ from attention_backends import _heads
 from standin_wrappers import Hypertile, apply_token_merging, remove_token_merging, tile, untile
 from unets import forward
 
-from lib_seg import QueryBlurPatch, blur_queries, parse_layers, resolve_attn1
+from lib_seg import blur_queries, parse_layers, resolve_attn1
+from lib_seg.backends.a1111.patch import QueryBlurPatch
 from lib_seg.grid import level_size
 
 LATENT = (16, 24)

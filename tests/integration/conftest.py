@@ -5,9 +5,9 @@ Opt-in. Either point at a running webui that already has this extension installe
 or let the tests start one (the extension is copied into its extensions/ folder):
     SEG_WEBUI_ROOT=/path/to/stable-diffusion-webui  [SEG_WEBUI_PYTHON=/path/to/venv/bin/python]
     [SEG_WEBUI_ARGS="--ckpt /path/to/model.safetensors ..."]
-The webui (A1111 or Forge, told apart by Forge's ``backend/`` folder) must have a (random-weight is
-fine) SD1.x checkpoint. Without these variables
-every test here is skipped with the reason.
+The webui (A1111, or one of the Forge family: Forge with its ``backend/`` folder, reForge or Forge
+Classic with ``ldm_patched/``; all three have ``modules_forge/``) must have a (random-weight is fine)
+SD1.x checkpoint. Without these variables every test here is skipped with the reason.
 """
 
 from __future__ import annotations
@@ -35,18 +35,46 @@ A1111_CPU_FLAGS = ["--use-cpu", "all", "--no-half", "--precision", "full"]
 FORGE_CPU_FLAGS = ["--always-cpu", "--disable-nan-check"]
 
 
+FORGE, LDM_PATCHED = "forge", "ldm_patched"
+
+
 class WebUI:
-    def __init__(self, url: str, log: Path | None = None, forge: bool | None = None):
+    def __init__(self, url: str, log: Path | None = None, backend: str | None = None):
+        """``backend``: None for A1111, ``"forge"`` (``backend/``) or ``"ldm_patched"`` (reForge,
+        Forge Classic); for a running server it is told from its options (Forge's own have a
+        ``forge_`` prefix, and only lllyasviel's Forge has ``forge_additional_modules``)."""
         self.url = url.rstrip("/")
         self.log = log
-        if forge is None:  # a running server: Forge has its own options (its cmd-flags route fails)
+        self._options: set[str] | None = None
+        self._request_fields: set[str] | None = None
+        if log is None:
+            options = self.options()
+            if "forge_additional_modules" in options:
+                backend = FORGE
+            elif any(key.startswith("forge_") for key in options):
+                backend = LDM_PATCHED
+        self.backend = backend
+        self.forge = backend is not None  # the Forge family: SEG runs as a post-CFG function
+
+    def options(self) -> set[str]:
+        if self._options is None:
             status, options = self.get("/sdapi/v1/options")
-            forge = status == 200 and any(key.startswith("forge_") for key in options or {})
-        self.forge = forge
+            self._options = set(options or {}) if status == 200 else set()
+        return self._options
+
+    def request_fields(self) -> set[str]:
+        """The txt2img request's fields, from the webui's OpenAPI schema."""
+        if self._request_fields is None:
+            status, schema = self.get("/openapi.json")
+            models = (schema or {}).get("components", {}).get("schemas", {}) if status == 200 else {}
+            model = next((m for name, m in models.items() if "txt2img" in name.lower()), {})
+            self._request_fields = set(model.get("properties", {}))
+        return self._request_fields
 
     def hires_fields(self) -> dict:
         """Forge's API needs these for hires; its second pass uses hr_cfg (default 1 = no CFG)."""
-        return {"hr_additional_modules": ["Use same choices"], "hr_cfg": 7} if self.forge else {}
+        fields = {"hr_additional_modules": ["Use same choices"], "hr_cfg": 7}
+        return {name: value for name, value in fields.items() if name in self.request_fields()}
 
     def request(self, method: str, path: str, payload=None, timeout: float = 600):
         data = None if payload is None else json.dumps(payload).encode()
@@ -78,8 +106,10 @@ def _wait(webui: WebUI, process: subprocess.Popen, timeout: float) -> None:
             raise RuntimeError(f"the webui exited during start-up; see {webui.log}")
         try:
             status, models = webui.get("/sdapi/v1/sd-models")
-            # A1111 loads the checkpoint after the server answers; Forge at the first generation
-            loaded = webui.forge or "Model loaded" in webui.log.read_text(errors="ignore")
+            # A1111 loads the checkpoint after the server answers; the Forge family at the first
+            # generation, but runs always-on scripts without arguments until start-up is over
+            text = webui.log.read_text(errors="ignore")
+            loaded = "Startup time" in text if webui.forge else "Model loaded" in text
             if status == 200 and models and loaded:
                 return
         except OSError:
@@ -110,13 +140,15 @@ def webui(tmp_path_factory):
     port = _free_port()
     log = tmp_path_factory.mktemp("webui") / "webui.log"
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    forge = (root_path / "backend").is_dir()
-    command = [python, "launch.py", *COMMON_FLAGS, *(FORGE_CPU_FLAGS if forge else A1111_CPU_FLAGS),
+    backend = None
+    if (root_path / "modules_forge").is_dir():
+        backend = FORGE if (root_path / "backend").is_dir() else LDM_PATCHED
+    command = [python, "launch.py", *COMMON_FLAGS, *(FORGE_CPU_FLAGS if backend else A1111_CPU_FLAGS),
                "--port", str(port), *shlex.split(os.environ.get("SEG_WEBUI_ARGS", ""))]  # fmt: skip
     with open(log, "w") as log_file:
         process = subprocess.Popen(command, cwd=root_path, env=env, stdout=log_file, stderr=subprocess.STDOUT,
                                    start_new_session=True)  # fmt: skip
-    server = WebUI(f"http://127.0.0.1:{port}", log, forge=forge)
+    server = WebUI(f"http://127.0.0.1:{port}", log, backend=backend)
     try:
         _wait(server, process, float(os.environ.get("SEG_WEBUI_START_TIMEOUT", "900")))
         yield server

@@ -50,7 +50,7 @@ HYPERTILE = {"hypertile_enable_unet": True, "hypertile_max_tile_unet": 128, "hyp
 
 def test_hypertile_tiles_are_blurred_over_the_whole_image(webui):
     if webui.forge:
-        pytest.skip("Forge has no Hypertile built-in")
+        pytest.skip("A1111's Hypertile settings (Forge has none; reForge's is a script of its own)")
     start = len(webui.log.read_text(errors="ignore")) if webui.log else 0
     # 256 px: the full-resolution layers (32x32 tokens) are cut into 16x16-token tiles
     assert_guided(*guided_pair(webui, [{"enabled": True, "layers": "input 1-2, middle, output 9-11"}],
@@ -90,7 +90,9 @@ def test_soft_inpainting(webui, baseline):
     assert_guided(*results)
 
 
-# ------------------------------------------------------------------------------ Forge built-ins
+# ----------------------------------------------------------------------- Forge-family built-ins
+# title -> args, per webui: the same built-in may take other arguments in reForge (its Dynamic
+# Thresholding has a "Simple Mode" second argument, its SAG no threshold, its FreeU no start/end)
 FORGE_BUILTINS = {
     "perturbedattentionguidance integrated": [True, 3.0, 0.0, 0.0, 1.0],
     "selfattentionguidance integrated (sd 1.x, sd 2.x, sdxl)": [True, 0.5, 2.0, 1.0],
@@ -98,15 +100,57 @@ FORGE_BUILTINS = {
     "dynamicthresholding (cfg-fix) integrated": [True, 7.0, 1.0, "Constant", 0.0, "Constant", 0.0, 1.0,
                                                  "enable", "MEAN", "AD", 1.0],
 }  # fmt: skip
+LDM_PATCHED_BUILTINS = {
+    "selfattentionguidance integrated": [True, 0.5, 2.0],
+    "freeu integrated": [True, 1.01, 1.02, 0.99, 0.95],
+    "dynamicthresholding (cfg-fix) integrated": [True, False, 7.0, 1.0, "Constant", 0.0, "Constant", 0.0, 1.0,
+                                                 "enable", "MEAN", "AD", 1.0],
+    "rescalecfg for reforge": [True, "Normal", 0.7],
+    '"apg\'s now your cfg" and guidance limiter for reforge': [True, 0.5, 0.18, 15.0, 1.0, False, 5.42, 0.28],
+    "mahiro cfg for reforge": [True],
+    "rescalecfg": [0.7],  # Forge Classic's
+}  # fmt: skip
+BUILTINS = {"forge": FORGE_BUILTINS, "ldm_patched": LDM_PATCHED_BUILTINS}
 
 
-@pytest.mark.parametrize("title", list(FORGE_BUILTINS))
-def test_forge_builtin_guidance_beside_seg(webui, title):
-    if not webui.forge:
-        pytest.skip("a Forge built-in")
+@pytest.mark.parametrize(("backend", "title"), [(b, t) for b, titles in BUILTINS.items() for t in titles])
+def test_forge_family_builtin_guidance_beside_seg(webui, backend, title):
+    if webui.backend != backend:
+        pytest.skip(f"a built-in of the {backend} webuis")
     if title not in script_titles(webui):
         pytest.skip(f"{title} is not installed")
-    assert_guided(*guided_pair(webui, [True], alwayson_scripts={title: {"args": FORGE_BUILTINS[title]}}))
+    assert_guided(*guided_pair(webui, [True], alwayson_scripts={title: {"args": BUILTINS[backend][title]}}))
+
+
+# ----------------------------------------------------------------- A1111 guidance extensions
+DYNAMIC_THRESHOLDING = "dynamic thresholding (cfg scale fix)"  # mcmonkeyprojects/sd-dynamic-thresholding
+
+
+def log_since(webui, start: int) -> str:
+    return webui.log.read_text(errors="ignore")[start:] if webui.log is not None else ""
+
+
+def log_size(webui) -> int:
+    return len(webui.log.read_text(errors="ignore")) if webui.log is not None else 0
+
+
+def test_dynamic_thresholding_extension_beside_seg(webui):
+    """Its CFG denoiser reads every row before the negative rows as a cond prediction, so SEG
+    keeps its rows out of the webui's batch (a separate call) and adds its term to the result."""
+    if webui.forge:
+        pytest.skip("the A1111 extension (Forge's built-in is tested above)")
+    if DYNAMIC_THRESHOLDING not in script_titles(webui):
+        pytest.skip("sd-dynamic-thresholding is not installed")
+    args = [True, 7.0, 99.0, "Constant", 0.0, "Constant", 0.0, 4.0, True, "MEAN", "AD", 1.0]
+    start = log_size(webui)
+    plain, guided, again = guided_pair(webui, [True], cfg_scale=12.0,
+                                       alwayson_scripts={DYNAMIC_THRESHOLDING: {"args": args}})  # fmt: skip
+    assert "Dynamic thresholding enabled" in guided["info"], guided["info"]
+    assert_guided(plain, guided, again)
+    without = txt2img(webui, [True], cfg_scale=12.0)
+    assert pixels(without["images"][0]) != pixels(guided["images"][0])
+    if webui.log is not None:
+        assert "CFG combination is replaced" in log_since(webui, start)
 
 
 # ----------------------------------------------------------------------------------- ControlNet
@@ -131,14 +175,14 @@ def test_controlnet_beside_seg(webui):
         pytest.skip("no ControlNet model in models/ControlNet")
     unit = {"enabled": True, "module": "None", "model": names[0], "image": control_image(), "weight": 1.0,
             "resize_mode": "Just Resize", "control_mode": "Balanced", "pixel_perfect": False}  # fmt: skip
-    start = len(webui.log.read_text(errors="ignore")) if webui.log else 0
+    start = log_size(webui)
     plain, guided, again = guided_pair(webui, [True], alwayson_scripts={"controlnet": {"args": [unit]}})
     assert "ControlNet" in guided["info"], guided["info"]
     assert_guided(plain, guided, again)
     without_control = txt2img(webui, [True])
     assert pixels(without_control["images"][0]) != pixels(guided["images"][0])
     if webui.log is not None and not webui.forge:
-        assert "smoothed rows in a separate call" in webui.log.read_text(errors="ignore")[start:]
+        assert "smoothed rows in a separate call" in log_since(webui, start)
 
 
 # last in this file: after every combination above

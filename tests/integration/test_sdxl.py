@@ -29,11 +29,13 @@ def sdxl(webui):
     status, before = webui.get("/sdapi/v1/options")
     assert status == 200
     # offline, the default live preview of SDXL wants a file from the hub
-    set_options(webui, {"sd_model_checkpoint": SDXL, "show_progress_type": "Approx cheap"})
+    switched = {"sd_model_checkpoint": SDXL, "show_progress_type": "Approx cheap"}
+    switched = {key: value for key, value in switched.items() if key in before}
+    set_options(webui, switched)
     status, now = webui.get("/sdapi/v1/options")
     assert SDXL in now["sd_model_checkpoint"], now["sd_model_checkpoint"]
     yield webui
-    set_options(webui, {key: before[key] for key in ("sd_model_checkpoint", "show_progress_type")})
+    set_options(webui, {key: before[key] for key in switched})
 
 
 @pytest.fixture(scope="module")

@@ -21,8 +21,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ...layers import unet_blocks
 from .batch_rows import select_rows
-from .layers import unet_blocks
 
 _PLAIN_FORWARDS = ("UNetModel.forward", "create_unet_forward.<locals>.UNetModel_forward")
 

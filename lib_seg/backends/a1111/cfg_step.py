@@ -17,10 +17,12 @@ then combines. Through the CFG-denoiser callbacks this class
 3. ``on_after_cfg``: adds that term to the webui's own CFG result.
 
 The webui's combination only reads the cond rows by index and the uncond rows at the end, so the
-inserted rows never enter it. Two cases keep the webui's batch as it is and take the separate path:
-a UNet whose forward another extension replaced (ControlNet's hook reads per-row control data and
-may assume the webui's own ``[cond, uncond]`` layout; the separate call is shaped like the webui's
-own calls with *batch cond/uncond* off, which such wrappers support), and a pass in which the
+inserted rows never enter it. Three cases keep the webui's batch as it is and take the separate
+path: a UNet whose forward another extension replaced (ControlNet's hook reads per-row control data
+and may assume the webui's own ``[cond, uncond]`` layout; the separate call is shaped like the
+webui's own calls with *batch cond/uncond* off, which such wrappers support), a CFG combination
+another extension replaced (Dynamic Thresholding reads every row before the uncond rows as a cond
+prediction, so inserted rows would enter its result), and a pass in which the
 enlarged call ran out of memory (that call is then finished as two calls, and the rest of the pass
 evaluates the smoothed rows separately). A step this class cannot map is left unguided with one warning; it
 never raises into the sampler.
@@ -36,12 +38,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ...guidance import BRANCH_UNCOND, smoothed_source
+from ...memory import free_cached_memory, is_out_of_memory
+from ...schedule import is_active_step
 from .batch_rows import CallRecord, concat_rows, gather_call, insert_rows, select_rows
-from .guidance import BRANCH_UNCOND, smoothed_source
-from .memory import free_cached_memory, is_out_of_memory
 from .patch import QueryBlurPatch
 from .prefix import PrefixSharing
-from .schedule import is_active_step
 
 log = logging.getLogger("sd_webui_seg")
 
@@ -50,10 +52,33 @@ PATH_ONE_CALL = "one-call"
 PATH_SEPARATE = "separate"
 
 
-def why_not_one_call(unet: nn.Module) -> str | None:
+WEBUI_DENOISER = "CFGDenoiser"  # the class whose combination reads the cond rows by index
+
+
+def combination_is_replaced(denoiser) -> bool:
+    """Whether another extension replaced the webui's CFG combination (``combine_denoised``).
+
+    The webui's own combination reads each cond row by its index and the uncond rows at the end,
+    so rows inserted between them never enter it. A replacement may read every row before the
+    uncond rows as a cond prediction (Dynamic Thresholding's does): SEG's rows would then be
+    mixed into the result as if they were extra AND prompts."""
+    if denoiser is None:
+        return False
+    if "combine_denoised" in vars(denoiser):
+        return True
+    owner = next((cls for cls in type(denoiser).__mro__ if "combine_denoised" in vars(cls)), None)
+    return owner is not None and owner.__name__ != WEBUI_DENOISER
+
+
+def why_not_one_call(unet: nn.Module, denoiser=None) -> str | None:
     """None when SEG's rows may join the webui's own UNet call, else the reason."""
     if "forward" in vars(unet):
         return "the UNet's forward is replaced by another extension (e.g. ControlNet)"
+    if combination_is_replaced(denoiser):
+        return (
+            "the CFG combination is replaced by another extension (e.g. Dynamic Thresholding), "
+            "which may read every row of the webui's batch"
+        )
     return None
 
 
@@ -289,15 +314,15 @@ class CFGStepGuidance:
             self._warn_once(f"step left unguided: {error}")
             return
         step = _Step(denoiser, model, batch, cond_rows, weights)
-        if self.one_call and self._one_call_allowed():
+        if self.one_call and self._one_call_allowed(denoiser):
             self._insert_smoothed_rows(params, step)
         if self.prefix is not None:
             step.shared_before = self.prefix.shared_calls
         self._step = step
         self._recording = True
 
-    def _one_call_allowed(self) -> bool:
-        reason = why_not_one_call(self.settings.unet)
+    def _one_call_allowed(self, denoiser) -> bool:
+        reason = why_not_one_call(self.settings.unet, denoiser)
         if reason is not None and reason not in self._warned:
             self._warned.add(reason)
             log.info("SEG: smoothed rows in a separate call: %s", reason)

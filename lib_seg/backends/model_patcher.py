@@ -1,11 +1,18 @@
-"""SEG on Forge (``backend/`` architecture): its own extension points, no module hooks.
+"""SEG on the Forge family (Forge's ``backend/``, and ``ldm_patched`` in reForge and Forge
+Classic): their own extension points, no module hooks.
 
 For each sampling pass the script clones ``p.sd_model.forge_objects.unet`` and adds one post-CFG
-function. At a guided step that function re-runs the smoothed branch's conditioning through
-Forge's own batch evaluator with an ``attn1`` replace patch on the selected blocks (the patch
-blurs the queries Forge hands it, then runs Forge's attention), and adds the SEG term to the CFG
-result. Forge's regular cond/uncond evaluation never sees the patch. Forge's webui objects are
-passed in, so this module imports nothing from Forge.
+function. At a guided step that function re-runs the smoothed branch's conditioning through the
+webui's own batch evaluator with an ``attn1`` replace patch on the selected blocks (the patch
+blurs the queries the webui hands it, then runs the webui's attention), and adds the SEG term to
+the CFG result. The webui's regular cond/uncond evaluation never sees the patch. The evaluator and
+the attention are passed in (``forge.entry_points``, ``ldm_patched.entry_points``), so this module
+imports nothing from a webui.
+
+Order among post-CFG functions: SEG's is appended after those already on the patcher (built-ins
+set up before it, e.g. SAG). Its term is computed from the cond/uncond predictions and the smoothed
+evaluation only, never from the ``denoised`` it receives, and is added to that ``denoised``: any
+other additive post-CFG guidance (SAG, PAG) composes with it to the same result in either order.
 """
 
 from __future__ import annotations
@@ -16,12 +23,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .blur import blur_queries
-from .grid import token_grid
-from .guidance import BRANCH_UNCOND, seg_term, smoothed_source
-from .layers import INPUT, MIDDLE, OUTPUT
-from .memory import free_cached_memory, is_out_of_memory
-from .schedule import is_active_step
+from ..blur import blur_queries
+from ..grid import token_grid
+from ..guidance import BRANCH_UNCOND, seg_term, smoothed_source
+from ..layers import INPUT, MIDDLE, OUTPUT
+from ..memory import free_cached_memory, is_out_of_memory
+from ..schedule import is_active_step
 
 log = logging.getLogger("sd_webui_seg")
 MARKER = "_sd_webui_seg"
@@ -64,7 +71,8 @@ def with_attn1_replace(model_options: dict, patch: Callable, keys: Sequence[tupl
 
 
 def make_attn1_replace(sigma: float, attention: Callable) -> Callable:
-    """Forge's attn1 replace signature: ``(q, k, v, extra_options) -> out``; q is (B, N, heads*d)."""
+    """The attn1 replace signature: ``(q, k, v, extra_options) -> out``; q is (B, N, heads*d).
+    ``attn_precision`` (ldm_patched's SD2 upcast) is passed on when the webui hands one."""
 
     def smoothed_attention(q, k, v, extra_options):
         batch, _, latent_h, latent_w = extra_options["original_shape"]
@@ -72,7 +80,9 @@ def make_attn1_replace(sigma: float, attention: Callable) -> Callable:
             raise ValueError(f"attn1 queries arrive as {q.shape[0]} rows for {batch} images (tiled by "
                              "another extension); SEG cannot blur them")  # fmt: skip
         height, width = token_grid(q.shape[-2], latent_h, latent_w)
-        return attention(blur_queries(q, height, width, sigma), k, v, extra_options["n_heads"])
+        precision = extra_options.get("attn_precision")
+        extra = {} if precision is None else {"attn_precision": precision}
+        return attention(blur_queries(q, height, width, sigma), k, v, extra_options["n_heads"], **extra)
 
     return smoothed_attention
 
@@ -98,7 +108,7 @@ class ForgeGuidance:
         warn: Callable[[str], None] | None = None,
     ):
         self.settings = settings
-        self.evaluate = evaluate  # backend.sampling.sampling_function.calc_cond_uncond_batch
+        self.evaluate = evaluate  # the webui's calc_cond_uncond_batch
         self.patch = make_attn1_replace(settings.sigma, attention)
         self.warn = warn or (lambda message: log.warning("SEG: %s", message))
         self.step = (0, 1)
@@ -117,7 +127,8 @@ class ForgeGuidance:
             return denoised
         try:
             uncond_pred = args.get("uncond_denoised")
-            # with the cfg1 optimisation Forge runs no negative pass and hands zeros here
+            # with the cfg1 optimisation there is no negative pass: Forge and Forge Classic hand
+            # zeros here, reForge None
             has_uncond = (
                 args.get("uncond") is not None and uncond_pred is not None and bool(uncond_pred.any())
             )

@@ -24,9 +24,9 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-from .blur import blur_queries
-from .grid import level_size, token_grid
-from .layers import attn1_levels
+from ...blur import blur_queries
+from ...grid import level_size, token_grid
+from ...layers import attn1_levels
 
 log = logging.getLogger("sd_webui_seg")
 

@@ -1,0 +1,46 @@
+"""reForge and Forge Classic (``modules_forge`` over ``ldm_patched``, a port of ComfyUI's model
+patcher and samplers): the entry points ``model_patcher`` runs on.
+
+Their UNet patcher is ``modules_forge.unet_patcher.UnetPatcher``, a subclass of
+``ldm_patched.modules.model_patcher.ModelPatcher``. Both keep
+``ldm_patched.modules.samplers.calc_cond_uncond_batch(model, cond, uncond, x, sigma,
+model_options)`` (reForge as a wrapper of ComfyUI's ``calc_cond_batch``). The attention is
+``ldm_patched.ldm.modules.attention.optimized_attention``, chosen when that module is imported
+(xformers, PyTorch SDPA, sub-quadratic, ...); it is read at each call, and reForge's
+``attn_precision`` (SD2's float32 upcast, handed to replace patches in ``extra_options``) is
+passed on where the function takes it, as the webui's own attention does.
+"""
+
+from __future__ import annotations
+
+import inspect
+from functools import lru_cache
+
+NAME = "ldm_patched"
+PACKAGE = "ldm_patched"
+
+
+def owns(patcher) -> bool:
+    return any(cls.__module__.split(".")[0] == PACKAGE for cls in type(patcher).__mro__)
+
+
+def entry_points():
+    """``(evaluate, attention)`` for ``model_patcher.ForgeGuidance``."""
+    import ldm_patched.ldm.modules.attention as attention_module
+    from ldm_patched.modules.samplers import calc_cond_uncond_batch
+
+    def attention(q, k, v, heads, attn_precision=None):
+        function = attention_module.optimized_attention
+        if attn_precision is not None and _takes_precision(function):
+            return function(q, k, v, heads, attn_precision=attn_precision)
+        return function(q, k, v, heads)
+
+    return calc_cond_uncond_batch, attention
+
+
+@lru_cache(maxsize=16)
+def _takes_precision(function) -> bool:
+    try:
+        return "attn_precision" in inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return False
