@@ -173,7 +173,11 @@ def test_controlnet_beside_seg(webui):
     names = [m for m in (models or {}).get("model_list", []) if m and m != "None"] if status == 200 else []
     if not names:
         pytest.skip("no ControlNet model in models/ControlNet")
-    unit = {"enabled": True, "module": "None", "model": names[0], "image": control_image(), "weight": 1.0,
+    status, modules = webui.get("/controlnet/module_list")
+    listed = (modules or {}).get("module_list", []) if status == 200 else []
+    # the preprocessor that passes the image through: "none" in Mikubill's, "None" in Forge's
+    no_preprocessor = next((m for m in listed if str(m).lower() == "none"), "None")
+    unit = {"enabled": True, "module": no_preprocessor, "model": names[0], "image": control_image(), "weight": 1.0,
             "resize_mode": "Just Resize", "control_mode": "Balanced", "pixel_perfect": False}  # fmt: skip
     start = log_size(webui)
     plain, guided, again = guided_pair(webui, [True], alwayson_scripts={"controlnet": {"args": [unit]}})
