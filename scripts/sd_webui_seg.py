@@ -1,5 +1,6 @@
 """Smoothed Energy Guidance: webui glue. All behaviour lives in ``lib_seg``."""
 
+import inspect
 import logging
 
 import gradio as gr
@@ -177,9 +178,18 @@ def on_before_ui():
     warn_about_title_clash()
 
 
+def register(add_callback, callback) -> None:
+    """Named where the webui names callbacks (A1111 1.8+, Forge, reForge); Forge Classic's
+    ``on_*`` take the callback alone."""
+    if "name" in inspect.signature(add_callback).parameters:
+        add_callback(callback, name="sd_webui_seg")
+    else:
+        add_callback(callback)
+
+
 if not HOOKS_DISABLED:
-    script_callbacks.on_cfg_denoiser(controller.on_cfg_denoiser, name="sd_webui_seg")
-    script_callbacks.on_cfg_denoised(controller.on_cfg_denoised, name="sd_webui_seg")
-    script_callbacks.on_cfg_after_cfg(controller.on_cfg_after_cfg, name="sd_webui_seg")
-    script_callbacks.on_before_ui(on_before_ui, name="sd_webui_seg")
-    script_callbacks.on_ui_settings(on_ui_settings, name="sd_webui_seg")
+    register(script_callbacks.on_cfg_denoiser, controller.on_cfg_denoiser)
+    register(script_callbacks.on_cfg_denoised, controller.on_cfg_denoised)
+    register(script_callbacks.on_cfg_after_cfg, controller.on_cfg_after_cfg)
+    register(script_callbacks.on_before_ui, on_before_ui)
+    register(script_callbacks.on_ui_settings, on_ui_settings)

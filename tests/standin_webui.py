@@ -108,8 +108,9 @@ class State(types.SimpleNamespace):
     pass
 
 
-def _script_callbacks() -> types.ModuleType:
+def _script_callbacks(unnamed: bool = False) -> types.ModuleType:
     cb = types.ModuleType("modules.script_callbacks")
+    cb.unnamed_callbacks = unnamed
     cb.callbacks = {name: [] for name in ("cfg_denoiser", "cfg_denoised", "cfg_after_cfg", "infotext_pasted",
                                           "before_ui", "ui_settings")}  # fmt: skip
     cb.errors = []
@@ -147,7 +148,10 @@ def _script_callbacks() -> types.ModuleType:
         def register(callback, *, name=None):
             cb.callbacks[kind].append(callback)
 
-        return register
+        def register_unnamed(callback):  # Forge Classic's script_callbacks (A1111 before 1.8)
+            cb.callbacks[kind].append(callback)
+
+        return register_unnamed if cb.unnamed_callbacks else register
 
     def runner(kind):
         def run(*args):
@@ -227,8 +231,9 @@ def _ui_components(gr) -> types.ModuleType:
     return mod
 
 
-def install(monkeypatch) -> types.SimpleNamespace:
-    """Fresh stand-in modules in sys.modules (undone by monkeypatch)."""
+def install(monkeypatch, unnamed_callbacks: bool = False) -> types.SimpleNamespace:
+    """Fresh stand-in modules in sys.modules (undone by monkeypatch). ``unnamed_callbacks``: the
+    ``on_*`` registrars take no ``name`` (Forge Classic, A1111 before 1.8)."""
     gr = _gradio()
     _Layout.created = []
     modules = types.ModuleType("modules")
@@ -242,7 +247,7 @@ def install(monkeypatch) -> types.SimpleNamespace:
     shared.OptionInfo = OptionInfo
     parts = {
         "modules.shared": shared,
-        "modules.script_callbacks": _script_callbacks(),
+        "modules.script_callbacks": _script_callbacks(unnamed_callbacks),
         "modules.scripts": _scripts(),
         "modules.ui_components": _ui_components(gr),
     }

@@ -36,7 +36,8 @@ BACKENDS = {
 @pytest.fixture(params=list(BACKENDS))
 def forge(request, monkeypatch, unet):
     standin, sampling_function = BACKENDS[request.param]
-    ui = sw.install(monkeypatch)
+    # Forge Classic's script_callbacks take no callback names: the ldm_patched runs use its form
+    ui = sw.install(monkeypatch, unnamed_callbacks=request.param == "ldm_patched")
     standin.install(monkeypatch)
     ui.backend, ui.standin, ui.sampling_function = request.param, standin, sampling_function
     ui.shared.sd_model = standin.forge_model(unet)

@@ -177,8 +177,9 @@ def test_controlnet_beside_seg(webui):
     listed = (modules or {}).get("module_list", []) if status == 200 else []
     # the preprocessor that passes the image through: "none" in Mikubill's, "None" in Forge's
     no_preprocessor = next((m for m in listed if str(m).lower() == "none"), "None")
-    unit = {"enabled": True, "module": no_preprocessor, "model": names[0], "image": control_image(), "weight": 1.0,
-            "resize_mode": "Just Resize", "control_mode": "Balanced", "pixel_perfect": False}  # fmt: skip
+    unit = {"enabled": True, "module": no_preprocessor, "model": names[0], "image": control_image(),
+            "weight": 1.0, "resize_mode": "Just Resize", "control_mode": "Balanced",
+            "pixel_perfect": False}  # fmt: skip
     start = log_size(webui)
     plain, guided, again = guided_pair(webui, [True], alwayson_scripts={"controlnet": {"args": [unit]}})
     assert "ControlNet" in guided["info"], guided["info"]
