@@ -29,11 +29,10 @@ def unet_patcher_of(sd_model):
 
 
 def patcher_backend_of(patcher):
-    """The module (``forge`` or ``ldm_patched``) whose patcher class ``patcher`` is, or None."""
-    for backend in PATCHER_BACKENDS:
-        if backend.owns(patcher):
-            return backend
-    return None
+    """The module (``forge`` or ``ldm_patched``) whose package defines ``patcher``'s class or one
+    of its bases (reForge's ``modules_forge`` ``UnetPatcher`` subclasses ldm_patched's), or None."""
+    packages = {cls.__module__.split(".")[0] for cls in type(patcher).__mro__}
+    return next((backend for backend in PATCHER_BACKENDS if backend.PACKAGE in packages), None)
 
 
 def backend_of(sd_model) -> str | None:

@@ -9,11 +9,7 @@ Its UNet patcher is ``backend.patcher.unet.UnetPatcher`` (a ``backend.patcher.ba
 from __future__ import annotations
 
 NAME = "forge"
-PACKAGE = "backend"
-
-
-def owns(patcher) -> bool:
-    return any(cls.__module__.split(".")[0] == PACKAGE for cls in type(patcher).__mro__)
+PACKAGE = "backend"  # the top-level package its patcher classes live in
 
 
 def entry_points():

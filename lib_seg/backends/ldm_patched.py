@@ -17,11 +17,7 @@ import inspect
 from functools import lru_cache
 
 NAME = "ldm_patched"
-PACKAGE = "ldm_patched"
-
-
-def owns(patcher) -> bool:
-    return any(cls.__module__.split(".")[0] == PACKAGE for cls in type(patcher).__mro__)
+PACKAGE = "ldm_patched"  # the top-level package its patcher classes live in
 
 
 def entry_points():
