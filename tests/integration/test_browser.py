@@ -225,6 +225,8 @@ def set_radio(page, tab: str, name: str, value: str) -> None:
 
 
 def set_prompt(page, tab: str, text: str, negative: str | None = None) -> None:
+    """Before a paste, ``negative=""``: Forge Classic disables the paste button while the negative
+    prompt has text (its default "paste safe guard" setting); the paste fills it again."""
     page.locator(f"#{tab}_prompt textarea").fill(text)
     if negative is not None:
         page.locator(f"#{tab}_neg_prompt textarea").fill(negative)
@@ -273,7 +275,7 @@ def generated(session):
     # "Cannot read properties of undefined (reading 'props')" in gradio's Blocks.js (its hires
     # "upscaled resolution" preview; seen with --disable-all-extensions too), which
     # test_no_console_errors would report. The paste leaves SEG at its defaults.
-    set_prompt(page, "txt2img", BASE_INFOTEXT)
+    set_prompt(page, "txt2img", BASE_INFOTEXT, negative="")
     page.locator("#txt2img_tools #paste").click()
     page.wait_for_function("() => gradioApp().querySelector('#txt2img_prompt textarea').value === 'a cat'")
     wait_for_controls(page, "txt2img", DEFAULTS)
@@ -350,7 +352,7 @@ def test_generate_writes_seg_infotext(generated):
 def test_paste_restores_every_control_and_resets_without_seg(page):
     switch_tab(page, "txt2img")
     paste = page.locator("#txt2img_tools #paste")
-    set_prompt(page, "txt2img", PASTED_INFOTEXT)
+    set_prompt(page, "txt2img", PASTED_INFOTEXT, negative="")
     paste.click()
     wait_for_controls(page, "txt2img", PASTED)
     # the paste ticked the header, which opened the accordion
@@ -364,7 +366,7 @@ def test_paste_restores_every_control_and_resets_without_seg(page):
     set_slider(page, "txt2img", "scale", 5)
     wait_for_controls(page, "txt2img", {"scale": 5.0})
     # ... and an infotext without SEG keys: SEG off and every control back to its default
-    set_prompt(page, "txt2img", PLAIN_INFOTEXT)
+    set_prompt(page, "txt2img", PLAIN_INFOTEXT, negative="")
     paste.click()
     page.wait_for_function("() => gradioApp().querySelector('#txt2img_prompt textarea').value === 'a dog'")
     wait_for_controls(page, "txt2img", DEFAULTS)
