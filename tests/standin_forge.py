@@ -56,6 +56,7 @@ class UnetPatcher(PatcherBase):
 
 UnetPatcher.__module__ = "backend.patcher.unet"
 EVALUATOR_MODULE = "backend.sampling.sampling_function"
+EVALUATOR = "calc_cond_uncond_batch"  # what SEG's smoothed evaluation calls there
 
 
 def attention_function(q, k, v, heads, mask=None):

@@ -29,6 +29,7 @@ import torch
 ATTN_PRECISION = None
 precisions: list = []
 EVALUATOR_MODULE = "ldm_patched.modules.samplers"
+EVALUATOR = "calc_cond_batch"  # what SEG's smoothed evaluation calls there (list form, as reForge)
 
 
 class ModelPatcher(sf.PatcherBase):

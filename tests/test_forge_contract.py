@@ -212,6 +212,16 @@ def test_the_smoothed_attention_keeps_the_webuis_precision(forge, monkeypatch):
     assert sl.precisions and set(sl.precisions) == {torch.float32}
 
 
+def test_forge_classic_has_only_the_two_list_evaluator(forge, monkeypatch):
+    if forge.backend != "ldm_patched":
+        pytest.skip("ldm_patched's two evaluator forms")
+    list_form, _ = generate(forge, on())
+    monkeypatch.delattr(sys.modules[sl.EVALUATOR_MODULE], "calc_cond_batch")  # Forge Classic
+    two_lists, p = generate(forge, on())
+    assert "SEG warning" not in p.extra_generation_params
+    assert torch.equal(two_lists, list_form)
+
+
 @pytest.mark.parametrize(("mode", "hires_off"), [("same", False), ("off", True), ("custom", False)])
 def test_hires_pass_hook_twice_is_idempotent(forge, mode, hires_off):
     forge.hires_off = hires_off
@@ -250,7 +260,7 @@ def test_failing_extra_pass_stops_guidance_not_the_image(forge, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(sys.modules[forge.standin.EVALUATOR_MODULE], "calc_cond_uncond_batch", broken)
+    monkeypatch.setattr(sys.modules[forge.standin.EVALUATOR_MODULE], forge.standin.EVALUATOR, broken)
     out, p = generate(forge, on())
     assert "boom" in p.extra_generation_params["SEG warning"]
     assert torch.isfinite(out).all()
@@ -299,8 +309,8 @@ def test_same_parameters_same_smoothed_prediction_on_both_webuis(unet):
 
 
 def test_out_of_memory_in_the_extra_pass_skips_only_that_step(forge, monkeypatch):
-    function = sys.modules[forge.standin.EVALUATOR_MODULE]
-    evaluate, state = function.calc_cond_uncond_batch, {"calls": 0}
+    function, name = sys.modules[forge.standin.EVALUATOR_MODULE], forge.standin.EVALUATOR
+    evaluate, state = getattr(function, name), {"calls": 0}
 
     def short_of_memory_once(*args, **kwargs):
         state["calls"] += 1
@@ -308,11 +318,11 @@ def test_out_of_memory_in_the_extra_pass_skips_only_that_step(forge, monkeypatch
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(function, "calc_cond_uncond_batch", short_of_memory_once)
+    monkeypatch.setattr(function, name, short_of_memory_once)
     guided, p = generate(forge, on())
     assert "out of memory" in p.extra_generation_params["SEG warning"]
     assert state["calls"] > 2  # the steps after the failed one were guided again
-    monkeypatch.setattr(function, "calc_cond_uncond_batch", evaluate)
+    monkeypatch.setattr(function, name, evaluate)
     off, _ = generate(forge, [False])
     assert not torch.equal(guided, off)
 

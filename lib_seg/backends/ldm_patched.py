@@ -4,7 +4,9 @@ patcher and samplers): the entry points ``model_patcher`` runs on.
 Their UNet patcher is ``modules_forge.unet_patcher.UnetPatcher``, a subclass of
 ``ldm_patched.modules.model_patcher.ModelPatcher``. Both keep
 ``ldm_patched.modules.samplers.calc_cond_uncond_batch(model, cond, uncond, x, sigma,
-model_options)`` (reForge as a wrapper of ComfyUI's ``calc_cond_batch``). The attention is
+model_options)``; reForge marks it deprecated in favour of ComfyUI's list form
+``calc_cond_batch(model, [cond, uncond], x, sigma, model_options)``, used where it exists (Forge
+Classic has only the former). The attention is
 ``ldm_patched.ldm.modules.attention.optimized_attention``, chosen when that module is imported
 (xformers, PyTorch SDPA, sub-quadratic, ...); it is read at each call, and reForge's
 ``attn_precision`` (SD2's float32 upcast, handed to replace patches in ``extra_options``) is
@@ -23,7 +25,16 @@ PACKAGE = "ldm_patched"  # the top-level package its patcher classes live in
 def entry_points():
     """``(evaluate, attention)`` for ``model_patcher.ForgeGuidance``."""
     import ldm_patched.ldm.modules.attention as attention_module
-    from ldm_patched.modules.samplers import calc_cond_uncond_batch
+    import ldm_patched.modules.samplers as samplers
+
+    calc_cond_batch = getattr(samplers, "calc_cond_batch", None)
+    if calc_cond_batch is not None:  # reForge: ComfyUI's list form (its two-list wrapper is deprecated)
+
+        def evaluate(model, cond, uncond, x, sigma, model_options):
+            return tuple(calc_cond_batch(model, [cond, uncond], x, sigma, model_options))
+
+    else:  # Forge Classic
+        evaluate = samplers.calc_cond_uncond_batch
 
     def attention(q, k, v, heads, attn_precision=None):
         function = attention_module.optimized_attention
@@ -31,7 +42,7 @@ def entry_points():
             return function(q, k, v, heads, attn_precision=attn_precision)
         return function(q, k, v, heads)
 
-    return calc_cond_uncond_batch, attention
+    return evaluate, attention
 
 
 @lru_cache(maxsize=16)
