@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from . import transformers
 from .backends import A1111, backend_of, patcher_backend_of, unet_patcher_of
 from .backends.a1111.cfg_step import CFGStepGuidance, PassSettings
-from .backends.model_patcher import ForgeGuidance, ForgePass, patch_keys
+from .backends.model_patcher import Attn1Smoothing, ForgeGuidance, ForgePass, patch_keys
 from .layers import resolve_attn1
 from .params import (
     INFOTEXT_KEYS,
@@ -57,6 +58,26 @@ def find_unet(sd_model) -> nn.Module | None:
     ):
         return None
     return unet
+
+
+def find_transformer(sd_model) -> tuple[transformers.Family, nn.Module] | None:
+    """A Forge-family model's diffusion transformer (Flux, Chroma, SD3.5) and its family, or None."""
+    patcher = unet_patcher_of(sd_model)
+    model = getattr(getattr(patcher, "model", None), "diffusion_model", None)
+    family = transformers.family_of(model)
+    return (family, model) if family is not None else None
+
+
+@dataclass
+class Target:
+    """What SEG smooths in the loaded model: UNet attn1 layers, or transformer blocks."""
+
+    names: list[str]
+    unet: nn.Module | None = None
+    attn1_modules: list[nn.Module] = field(default_factory=list)
+    family: transformers.Family | None = None
+    transformer: nn.Module | None = None
+    blocks: list[nn.Module] = field(default_factory=list)
 
 
 @dataclass
@@ -113,21 +134,11 @@ class SEGController:
             return run
         for note in params.notes:
             self.report(p, run, note)
-        sd_model = self.current_model()
-        unet = find_unet(sd_model)
-        if unet is None:
-            self.report(p, run, "SEG: this model has no SD1/SD2/SDXL UNet self-attention to smooth; "
-                        "generated without SEG")  # fmt: skip
+        target = self.target(p, run, params, self.current_model(), announce=True)
+        if target is None:
             return run
-        if backend_of(sd_model) is None:
-            self.report(p, run, unknown_patcher_message(sd_model))
-            return run
-        matched = resolve_attn1(unet, params.selection)
-        if not matched:
-            self.report(p, run, f"SEG layers '{params.layers}' match no self-attention in this model; "
-                        "generated without SEG")  # fmt: skip
-            return run
-        log.info("SEG: %d attn1 layers: %s", len(matched), ", ".join(name for name, _ in matched))
+        log.info("SEG: %d %s: %s", len(target.names), "attn1 layers" if target.unet is not None else
+                 f"{target.family.name} blocks", ", ".join(target.names))  # fmt: skip
         run.params = params
         if isinstance(extra, dict):
             extra.update(params.to_infotext())
@@ -144,40 +155,84 @@ class SEGController:
             return
         self._install(p, run, *chosen)
 
+    def target(self, p, run: Run, params: SEGParams, sd_model, announce: bool) -> Target | None:
+        """What to smooth in ``sd_model``, or None after telling the user why nothing is.
+        ``announce``: also report blocks named that this model lacks (once, at ``process``)."""
+        unet = find_unet(sd_model)
+        if unet is not None:
+            if backend_of(sd_model) is None:
+                self.report(p, run, unknown_patcher_message(sd_model))
+                return None
+            matched = resolve_attn1(unet, params.selection)
+            if not matched:
+                names_dit = params.selection.names_transformer_blocks()
+                hint = " (double/single/joint name transformer blocks)" if names_dit else ""
+                self.report(p, run, f"SEG layers '{params.layers}' match no self-attention in this "
+                            f"UNet{hint}; generated without SEG")  # fmt: skip
+                return None
+            return Target([name for name, _ in matched], unet=unet, attn1_modules=[m for _, m in matched])
+        transformer = find_transformer(sd_model)
+        if transformer is None:
+            self.report(p, run, "SEG: this model has no SD1/SD2/SDXL UNet self-attention nor a Flux, "
+                        "Chroma or SD3.5 transformer (Forge) to smooth; generated without SEG")  # fmt: skip
+            return None
+        family, model = transformer
+        backend = patcher_backend_of(unet_patcher_of(sd_model))
+        if backend is None:
+            self.report(p, run, unknown_patcher_message(sd_model))
+            return None
+        if not hasattr(backend, "transformer_kernels"):
+            self.report(p, run, f"SEG: {family.name} models are supported on Forge (backend/) only; "
+                        "generated without SEG")  # fmt: skip
+            return None
+        chosen, missing = transformers.resolve_blocks(model, family, params.selection)
+        has = transformers.describe_blocks(model, family)
+        if not chosen:
+            self.report(p, run, f"SEG blocks '{params.layers}' match no block of this {family.name} model "
+                        f"({has}); generated without SEG")  # fmt: skip
+            return None
+        if missing and announce:
+            self.report(p, run, f"SEG: this {family.name} model has no {', '.join(missing)} ({has}); "
+                        "smoothing the other blocks")  # fmt: skip
+        return Target([name for name, _ in chosen], family=family, transformer=model,
+                      blocks=[block for _, block in chosen])  # fmt: skip
+
     def _install(self, p, run: Run, scale: float, sigma: float) -> None:
         sd_model = self.current_model()
-        unet = find_unet(sd_model)
-        if unet is None:
-            self.report(p, run, "SEG: the model changed to one without a UNet SEG supports; SEG off")
-            return
-        matched = resolve_attn1(unet, run.params.selection)
-        if not matched:
-            self.report(p, run, f"SEG layers '{run.params.layers}' match no self-attention in this model")
-            return
         params = run.params
+        target = self.target(p, run, params, sd_model, announce=False)
+        if target is None:
+            return
+        unet = target.unet
 
         def warn(message: str) -> None:
             self.report(p, run, f"SEG: {message}")
 
         if backend_of(sd_model) != A1111:
             backend = patcher_backend_of(unet_patcher_of(sd_model))
-            if backend is None:
-                self.report(p, run, unknown_patcher_message(sd_model))
-                return
             try:
                 evaluate, attention = backend.entry_points()
             except (AttributeError, ImportError) as error:
                 self.report(p, run, f"SEG: this webui's sampling functions are not where SEG looks "
                             f"({error}); generated without SEG")  # fmt: skip
                 return
-            keys = patch_keys([name for name, _ in matched])
-            forge_pass = ForgePass(scale, sigma, params.branch, params.start, params.end, keys)
-            guidance = ForgeGuidance(forge_pass, evaluate, attention, warn=warn)
+            if unet is not None:
+                smoothing = Attn1Smoothing(patch_keys(target.names), sigma, attention)
+            else:
+                try:
+                    slots = backend.transformer_kernels(target.family.name, target.blocks)
+                except LookupError as error:
+                    self.report(p, run, f"SEG: {error}; generated without SEG")
+                    return
+                smoothing = transformers.TransformerSmoothing(target.transformer, target.family,
+                                                              target.blocks, slots, sigma)  # fmt: skip
+            forge_pass = ForgePass(scale, sigma, params.branch, params.start, params.end)
+            guidance = ForgeGuidance(forge_pass, evaluate, smoothing, warn=warn)
             guidance.install(sd_model)
             self.guidance = guidance
         else:
-            modules = [module for _, module in matched]
-            settings = PassSettings(scale, sigma, params.branch, params.start, params.end, modules, unet)
+            settings = PassSettings(scale, sigma, params.branch, params.start, params.end,
+                                    target.attn1_modules, unet)  # fmt: skip
             self.guidance = CFGStepGuidance(settings, warn=warn, one_call=self.one_call,
                                             share_prefix=self.share_prefix)  # fmt: skip
         self.pass_p = p
@@ -189,7 +244,7 @@ class SEGController:
             if paths:
                 log.info("SEG: %d guided evaluations (%s)", sum(paths.values()),
                          ", ".join(f"{path}: {count}" for path, count in paths.items()))  # fmt: skip
-            tiled = getattr(getattr(self.guidance, "patch", None), "tiled_calls", 0)
+            tiled = getattr(getattr(self.guidance, "patch", None), "tiled_calls", 0)  # A1111 only
             if tiled:
                 log.info("SEG: %d smoothed attention calls arrived in tiles (Hypertile); their queries "
                          "were blurred over the whole image grid", tiled)  # fmt: skip

@@ -1,8 +1,11 @@
-"""Which UNet blocks get smoothed self-attention, and their ``attn1`` modules.
+"""Which blocks get smoothed self-attention, and (UNets) their ``attn1`` modules.
 
 Syntax (case-insensitive, items separated by commas or semicolons):
 ``middle`` · ``input`` / ``output`` (every block of that side) · ``input 7`` · ``input 4-8`` ·
 ``output 0-2 5`` · ``all``. Aliases: ``mid``; ``in``/``down``; ``out``/``up``.
+Diffusion transformers (``transformers.py``) name their blocks the same way: ``double 7-9`` and
+``single 0-37`` (Flux, Chroma), ``joint 5-12`` (SD3.5). On a transformer ``middle`` stands for
+that family's default blocks; ``all`` is every block of whatever model is loaded.
 
 SD1/SD2 (``ldm``) and SDXL (``sgm``) UNets share the ``input_blocks`` / ``middle_block`` /
 ``output_blocks`` naming, so one resolver serves both.
@@ -16,11 +19,15 @@ from dataclasses import dataclass
 from torch import nn
 
 INPUT, MIDDLE, OUTPUT = "input", "middle", "output"
+DOUBLE, SINGLE, JOINT = "double", "single", "joint"
 _SIDE_ORDER = (INPUT, MIDDLE, OUTPUT)
+INDEXED_SIDES = (INPUT, OUTPUT, DOUBLE, SINGLE, JOINT)
+TRANSFORMER_SIDES = (DOUBLE, SINGLE, JOINT)
 _ALIASES = {
     "input": INPUT, "in": INPUT, "down": INPUT,
     "middle": MIDDLE, "mid": MIDDLE,
     "output": OUTPUT, "out": OUTPUT, "up": OUTPUT,
+    "double": DOUBLE, "single": SINGLE, "joint": JOINT,
 }  # fmt: skip
 _RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
 MAX_BLOCK_INDEX = 99
@@ -33,33 +40,45 @@ class LayerSelection:
     input: frozenset[int] | None = frozenset()
     middle: bool = False
     output: frozenset[int] | None = frozenset()
+    double: frozenset[int] | None = frozenset()
+    single: frozenset[int] | None = frozenset()
+    joint: frozenset[int] | None = frozenset()
+
+    def indices(self, side: str) -> frozenset[int] | None:
+        """The chosen block indices of an indexed side (``None``: every block)."""
+        return getattr(self, side)
 
     def selects(self, side: str, index: int) -> bool:
         if side == MIDDLE:
             return self.middle
-        chosen = self.input if side == INPUT else self.output
+        chosen = self.indices(side)
         return chosen is None or index in chosen
 
     def is_empty(self) -> bool:
-        return not self.middle and self.input == frozenset() and self.output == frozenset()
+        return not self.middle and all(self.indices(side) == frozenset() for side in INDEXED_SIDES)
+
+    def names_transformer_blocks(self) -> bool:
+        return any(self.indices(side) != frozenset() for side in TRANSFORMER_SIDES)
 
     def canonical(self) -> str:
         """A normalised spelling of the selection (what infotext stores)."""
+        if self.middle and all(self.indices(side) is None for side in INDEXED_SIDES):
+            return "all"
         parts = []
-        for side in _SIDE_ORDER:
+        for side in (*_SIDE_ORDER, *TRANSFORMER_SIDES):
             if side == MIDDLE:
                 if self.middle:
                     parts.append(MIDDLE)
                 continue
-            chosen = self.input if side == INPUT else self.output
+            chosen = self.indices(side)
             if chosen is None:
                 parts.append(side)
             elif chosen:
-                parts.append(f"{side} {_format_indices(chosen)}")
+                parts.append(f"{side} {format_indices(chosen)}")
         return ", ".join(parts)
 
 
-def _format_indices(indices: frozenset[int]) -> str:
+def format_indices(indices: frozenset[int]) -> str:
     ordered = sorted(indices)
     runs: list[list[int]] = []
     for index in ordered:
@@ -77,17 +96,18 @@ def parse_layers(text: str) -> LayerSelection:
     items = [item.strip() for item in re.split(r"[,;]", text.strip().lower()) if item.strip()]
     if not items:
         raise ValueError("no blocks named; use e.g. 'middle' or 'input 7-8, middle'")
-    chosen: dict[str, frozenset[int] | None] = {INPUT: frozenset(), OUTPUT: frozenset()}
+    chosen: dict[str, frozenset[int] | None] = {side: frozenset() for side in INDEXED_SIDES}
     middle = False
     for item in items:
         words = item.split()
         if words == ["all"]:
-            chosen = {INPUT: None, OUTPUT: None}
+            chosen = dict.fromkeys(INDEXED_SIDES)
             middle = True
             continue
         side = _ALIASES.get(words[0])
         if side is None:
-            raise ValueError(f"unknown block {words[0]!r} in {item!r} (use input, middle, output)")
+            raise ValueError(f"unknown block {words[0]!r} in {item!r} (use input, middle, output; "
+                             "double, single, joint on transformers)")  # fmt: skip
         if side == MIDDLE:
             if words[1:] not in ([], ["0"]):
                 raise ValueError(f"the middle block takes no index: {item!r}")
@@ -108,7 +128,7 @@ def parse_layers(text: str) -> LayerSelection:
             indices.update(range(first, last + 1))
         if chosen[side] is not None:
             chosen[side] = chosen[side] | frozenset(indices)
-    return LayerSelection(input=chosen[INPUT], middle=middle, output=chosen[OUTPUT])
+    return LayerSelection(middle=middle, **chosen)
 
 
 def _is_self_attention(block: nn.Module, name: str, module: nn.Module) -> bool:

@@ -50,8 +50,10 @@ CONTROLS = (
             "positive prediction (the reference code). Steps without a negative pass always use cond.",
             advanced=True, choices=("uncond", "cond")),
     Control("layers", "textbox", "Blocks",
-            "Which UNet blocks get smoothed self-attention: middle (default, as the paper), "
-            "input 7-8, output 0-2, input, output or all; separate with commas.", advanced=True),
+            "Which blocks get smoothed self-attention. UNets (SD1/SD2/SDXL): middle (default, as the "
+            "paper), input 7-8, output 0-2, input, output or all. Transformers on Forge: double 7-9, "
+            "single 0-37 (Flux, Chroma), joint 5-12 (SD3.5), all; there middle means the family's "
+            "default (double 7-9 / joint 7-9). Separate with commas.", advanced=True),
     Control("start", "slider", "Start (fraction of steps)",
             "SEG is active on step i of n when start ≤ i/n < end.", advanced=True,
             minimum=0.0, maximum=1.0, step=0.01),

@@ -59,8 +59,12 @@ EVALUATOR_MODULE = "backend.sampling.sampling_function"
 EVALUATOR = "calc_cond_uncond_batch"  # what SEG's smoothed evaluation calls there
 
 
-def attention_function(q, k, v, heads, mask=None):
-    """backend.attention.attention_function's signature: (B, N, heads*d) in and out."""
+def attention_function(q, k, v, heads, mask=None, skip_reshape=False):
+    """backend.attention.attention_function's signature: (B, N, heads*d) in and out, or with
+    ``skip_reshape`` (Flux) q, k, v already (B, heads, N, d)."""
+    if skip_reshape:
+        b, _, n, d = q.shape
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, heads * d)
     b, n, c = q.shape
 
     def split(t):
@@ -106,13 +110,27 @@ def forge_attention(unet, transformer_options, latent_shape, extra_options=None)
             del module.forward
 
 
-def apply_model(model, x, sigma, context, model_options, extra_options=None):
+# per-row conditioning besides the text that Forge's KModel hands the diffusion model as keyword
+# arguments (``extra_conds``): the pooled vector and Flux-dev's distilled guidance value
+EXTRA_CONDS = ("y", "guidance")
+
+
+def apply_model(model, x, sigma, context, model_options, extra_options=None, extra_conds=None):
     c_in = 1 / (sigma**2 + 1) ** 0.5
     t = (sigma * 100).round()
-    unet = model.diffusion_model
-    with forge_attention(unet, model_options.get("transformer_options", {}), x.shape, extra_options):
-        eps = unet(x * c_in[:, None, None, None], t, context=context)
+    net = model.diffusion_model
+    transformer_options = model_options.get("transformer_options", {})
+    if not hasattr(net, "input_blocks"):  # a diffusion transformer: no attn1 blocks to patch
+        eps = net(x * c_in[:, None, None, None], t / 1000, context=context,
+                  transformer_options=transformer_options, **(extra_conds or {}))  # fmt: skip
+        return x - eps * sigma[:, None, None, None]
+    with forge_attention(net, transformer_options, x.shape, extra_options):
+        eps = net(x * c_in[:, None, None, None], t, context=context)
     return x - eps * sigma[:, None, None, None]
+
+
+def extra_conds_of(entries):
+    return {key: torch.cat([entry[key] for entry in entries]) for key in EXTRA_CONDS if key in entries[0]}
 
 
 def calc_cond_uncond_batch(model, cond, uncond, x_in, timestep, model_options):
@@ -133,9 +151,15 @@ def calc_cond_batch(model, conds, x_in, timestep, model_options, extra_options=N
             torch.cat(contexts),
             model_options,
             extra_options,
+            extra_conds_of([e for e, _ in entries]),
         ).chunk(len(entries))
     else:
-        outputs = [apply_model(model, x_in, timestep, c, model_options, extra_options) for c in contexts]
+        outputs = [
+            apply_model(
+                model, x_in, timestep, e["cross_attn"], model_options, extra_options, extra_conds_of([e])
+            )
+            for e, _ in entries
+        ]
     sums = [torch.zeros_like(x_in) for _ in conds]
     counts = [torch.full_like(x_in, 1e-37) for _ in conds]
     for (entry, kind), output in zip(entries, outputs, strict=True):

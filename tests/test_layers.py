@@ -18,7 +18,12 @@ from lib_seg.layers import LayerSelection
         ("up 5; down 1 2 3; mid", "input 1-3, middle, output 5"),
         ("input", "input"),
         ("input, input 4", "input"),
-        ("all", "input, middle, output"),
+        ("all", "all"),
+        ("input, middle, output", "input, middle, output"),
+        ("double 7-9", "double 7-9"),
+        ("Single 3 1-2; double 9 8 7", "double 7-9, single 1-3"),
+        ("joint 5-12", "joint 5-12"),
+        ("middle, joint", "middle, joint"),
         (" Output  3 ,middle ", "middle, output 3"),
     ],
 )

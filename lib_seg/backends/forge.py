@@ -4,12 +4,33 @@ Its UNet patcher is ``backend.patcher.unet.UnetPatcher`` (a ``backend.patcher.ba
 ``ModelPatcher``); its batch evaluator is ``backend.sampling.sampling_function``
 ``calc_cond_uncond_batch(model, cond, uncond, x, sigma, model_options)`` and its attention
 ``backend.attention.attention_function(q, k, v, heads)``. Imported only when a Forge model is in use.
+
+Forge's diffusion transformers (``backend/nn/flux.py``, ``chroma.py``, ``mmditx.py``) take no
+patches, so SEG finds the kernel their blocks call by name in the blocks' own module:
+
+- Flux and Chroma blocks call their module's ``attention(q, k, v, pe)`` (Chroma imports Flux's),
+  which applies RoPE and then calls ``attention_function`` from Flux's module globals with
+  ``q`` as (B, heads, tokens, d): that global is the slot, so the blur sees the roped queries;
+- SD3's joint blocks (``block_mixing``) call ``mmditx.attention(q, k, v, heads)`` with ``q`` as
+  (B, tokens, heads·d) after the QK-norm: that global is the slot.
 """
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Sequence
+
+from torch import nn
+
+from ..transformers import KernelSlot
+
 NAME = "forge"
 PACKAGE = "backend"  # the top-level package its patcher classes live in
+
+# Per transformer family: the names to follow from a block's module to its kernel slot. Every
+# name but the last is a function whose own module globals hold the next name.
+KERNEL_PATHS = {"Flux": ("attention", "attention_function"), "Chroma": ("attention", "attention_function"),
+                "SD3": ("attention",)}  # fmt: skip
 
 
 def entry_points():
@@ -18,3 +39,23 @@ def entry_points():
     from backend.sampling.sampling_function import calc_cond_uncond_batch
 
     return calc_cond_uncond_batch, attention_function
+
+
+def transformer_kernels(family_name: str, blocks: Sequence[nn.Module]) -> list[KernelSlot]:
+    """The kernel slots the chosen blocks call; LookupError when Forge's layout is not there."""
+    path = KERNEL_PATHS.get(family_name)
+    if path is None:
+        raise LookupError(f"no known attention kernel for {family_name} models")
+    slots = []
+    for block in blocks:
+        module = sys.modules.get(type(block).__module__)
+        namespace = vars(module) if module is not None else {}
+        for name in path[:-1]:
+            function = namespace.get(name)
+            namespace = getattr(function, "__globals__", None)
+            if namespace is None:
+                raise LookupError(f"{type(block).__module__}.{name} is not the function SEG expects")
+        if not callable(namespace.get(path[-1])):
+            raise LookupError(f"{type(block).__module__} has no attention kernel {path[-1]!r}")
+        slots.append(KernelSlot(namespace, path[-1]))
+    return slots

@@ -3,11 +3,13 @@ Classic): their own extension points, no module hooks.
 
 For each sampling pass the script clones ``p.sd_model.forge_objects.unet`` and adds one post-CFG
 function. At a guided step that function re-runs the smoothed branch's conditioning through the
-webui's own batch evaluator with an ``attn1`` replace patch on the selected blocks (the patch
-blurs the queries the webui hands it, then runs the webui's attention), and adds the SEG term to
-the CFG result. The webui's regular cond/uncond evaluation never sees the patch. The evaluator and
-the attention are passed in (``forge.entry_points``, ``ldm_patched.entry_points``), so this module
-imports nothing from a webui.
+webui's own batch evaluator with the smoothing in place, and adds the SEG term to the CFG result.
+On a UNet the smoothing is an ``attn1`` replace patch on the selected blocks (``Attn1Smoothing``:
+it blurs the queries the webui hands it, then runs the webui's attention); on Forge's diffusion
+transformers it is ``transformers.TransformerSmoothing``. The webui's regular cond/uncond
+evaluation never sees either. The evaluator and the attention are passed in
+(``forge.entry_points``, ``ldm_patched.entry_points``), so this module imports nothing from a
+webui.
 
 Order among post-CFG functions: SEG's is appended after those already on the patcher (built-ins
 set up before it, e.g. SAG). Its term is computed from the cond/uncond predictions and the smoothed
@@ -87,6 +89,19 @@ def make_attn1_replace(sigma: float, attention: Callable) -> Callable:
     return smoothed_attention
 
 
+class Attn1Smoothing:
+    """UNets: the smoothed evaluation runs with an attn1 replace patch on the chosen blocks, in a
+    copy of the step's model options."""
+
+    def __init__(self, keys: Sequence[tuple[str, int]], sigma: float, attention: Callable):
+        self.keys = list(keys)
+        self.patch = make_attn1_replace(sigma, attention)
+
+    def evaluate(self, evaluate: Callable, args: dict, conds) -> torch.Tensor:
+        options = with_attn1_replace(args["model_options"], self.patch, self.keys)
+        return evaluate(args["model"], conds, None, args["input"], args["sigma"], options)[0]
+
+
 @dataclass
 class ForgePass:
     scale: float
@@ -94,7 +109,6 @@ class ForgePass:
     branch: str
     start: float
     end: float
-    keys: list[tuple[str, int]]
 
 
 class ForgeGuidance:
@@ -104,12 +118,12 @@ class ForgeGuidance:
         self,
         settings: ForgePass,
         evaluate: Callable,
-        attention: Callable,
+        smoothing,
         warn: Callable[[str], None] | None = None,
     ):
         self.settings = settings
         self.evaluate = evaluate  # the webui's calc_cond_uncond_batch
-        self.patch = make_attn1_replace(settings.sigma, attention)
+        self.smoothing = smoothing  # Attn1Smoothing or transformers.TransformerSmoothing
         self.warn = warn or (lambda message: log.warning("SEG: %s", message))
         self.step = (0, 1)
         self.failed = False
@@ -134,8 +148,7 @@ class ForgeGuidance:
             )
             source = smoothed_source(settings.branch, has_uncond)
             conds = args["uncond"] if source == BRANCH_UNCOND else args["cond"]
-            options = with_attn1_replace(args["model_options"], self.patch, settings.keys)
-            smoothed, _ = self.evaluate(args["model"], conds, None, args["input"], args["sigma"], options)
+            smoothed = self.smoothing.evaluate(self.evaluate, args, conds)
             prediction = uncond_pred if source == BRANCH_UNCOND else args["cond_denoised"]
             return denoised + seg_term(prediction, smoothed, settings.scale).to(denoised.dtype)
         except Exception as error:  # never break the user's generation
