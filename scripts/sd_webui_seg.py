@@ -117,7 +117,8 @@ def on_ui_settings():
         "seg_default_sigma": shared.OptionInfo("inf", "Default blur sigma (σ): a number, or inf"),
         "seg_default_branch": shared.OptionInfo(defaults.branch, "Default smoothed branch", gr.Radio,
                                                 {"choices": ["uncond", "cond"]}),
-        "seg_default_layers": shared.OptionInfo(defaults.layers, "Default blocks (e.g. middle, input 7-8; double 7-9 on Flux)"),
+        "seg_default_layers": shared.OptionInfo(defaults.layers,
+                                                "Default blocks (e.g. middle; double 7-9 on Flux)"),
         "seg_one_call": shared.OptionInfo(
             True, "Evaluate SEG's smoothed rows in the webui's own model call (faster; +1 row per image)",
             gr.Checkbox),

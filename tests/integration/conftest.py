@@ -76,7 +76,9 @@ class WebUI:
         fields = {"hr_additional_modules": ["Use same choices"], "hr_cfg": 7}
         return {name: value for name, value in fields.items() if name in self.request_fields()}
 
-    def request(self, method: str, path: str, payload=None, timeout: float = 600):
+    def request(self, method: str, path: str, payload=None, timeout: float | None = None):
+        # a full-size transformer on a CPU takes minutes per image
+        timeout = timeout or float(os.environ.get("SEG_WEBUI_REQUEST_TIMEOUT", "600"))
         data = None if payload is None else json.dumps(payload).encode()
         req = urllib.request.Request(self.url + path, data=data, method=method,
                                      headers={"Content-Type": "application/json"})  # fmt: skip

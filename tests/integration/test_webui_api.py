@@ -21,8 +21,8 @@ def pixels(b64: str) -> bytes:
     return Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB").tobytes()
 
 
-def txt2img(webui, args=None, **fields):
-    payload = {**BASE, **fields}
+def txt2img(webui, args=None, base=None, **fields):
+    payload = {**(base or BASE), **fields}
     if args is not None:
         payload["alwayson_scripts"] = {TITLE: {"args": args}}
     status, body = webui.post("/sdapi/v1/txt2img", payload)
