@@ -33,23 +33,12 @@ from seg_step import _Patcher, _peak, _reset_peak  # noqa: E402
 
 from lib_seg import SEGParams  # noqa: E402
 
-SHAPES = {  # the real block counts (Flux: 19 double + 38 single; SD3.5 Medium: 24 joint)
-    "flux": dict(
-        depth=19,
-        depth_single_blocks=38,
-        hidden_size=256,
-        num_heads=4,
-        axes_dim=(16, 24, 24),
-        context_in_dim=64,
-    ),
-    "chroma": dict(
-        depth=19,
-        depth_single_blocks=38,
-        hidden_size=256,
-        num_heads=4,
-        axes_dim=(16, 24, 24),
-        context_in_dim=64,
-    ),
+# the real block counts (Flux and Chroma: 19 double + 38 single; SD3.5 Medium: 24 joint)
+FLUX_SHAPE = dict(depth=19, depth_single_blocks=38, hidden_size=256, num_heads=4, axes_dim=(16, 24, 24),
+                  context_in_dim=64)  # fmt: skip
+SHAPES = {
+    "flux": FLUX_SHAPE,
+    "chroma": FLUX_SHAPE,
     "sd3": dict(
         depth=24,
         hidden_size=256,
