@@ -1,12 +1,15 @@
-"""SEG step time next to CFG-only, through the script's real A1111 code path.
+"""SEG step time next to CFG-only, through the script's real A1111 and Forge code paths.
 
-Drives ``scripts/sd_webui_seg.py`` with the A1111 v1.10.1 CFG-denoiser layout of the test stand-in
-(``tests/standin_webui.py``) on the real SD1.5 UNet architecture with random weights, and prints,
-per configuration, in one run: the CFG-only step time, the SEG step time and their ratio for each
-evaluation path (shared prefix, one call without prefix sharing, separate extra call), an
-off-schedule step, the peak memory of each, and the query blur's share of a SEG step.
+Drives ``scripts/sd_webui_seg.py`` on the real SD1.5 UNet architecture with random weights, in the
+A1111 v1.10.1 CFG-denoiser layout of the test stand-in (``tests/standin_webui.py``) and in Forge's
+(``tests/standin_forge.py``: Forge's UnetPatcher, its chunked batch evaluator with
+``model_function_wrapper`` and memory estimate, and its UNet layout around the same layers), and
+prints, per configuration, in one run and per webui: the CFG-only step time, the SEG step time and
+their ratio for each evaluation path (shared prefix, one call without prefix sharing, separate
+extra evaluation), an off-schedule step, the peak memory of each, and the query blur's share of a
+SEG step.
 
-    python bench/seg_step.py                       # CPU: 512x512, batch 1 and 4, middle, sigma inf
+    python bench/seg_step.py                       # CPU: A1111 and Forge, 512x512, batch 1 and 4
     python bench/seg_step.py --device cuda --half --batches 1 2 4 8 --sizes 512x512 768x512 \
         --sigmas 10 inf --layers middle "input 7-8" --json out.json --plot docs/performance.png
 """
@@ -27,6 +30,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
+import standin_forge as sf  # noqa: E402
 import standin_webui as sw  # noqa: E402
 
 from lib_seg import SEGParams, blur_queries, parse_layers, resolve_attn1, token_grid  # noqa: E402
@@ -36,6 +40,8 @@ PATHS = {  # name: (one_call, share_prefix)
     "one-call": (True, False),
     "separate": (False, False),
 }
+
+STEP_KINDS = ("cfg", "off-schedule", *PATHS)
 
 
 class _Patcher:
@@ -105,6 +111,9 @@ class Bench:
             cond_stage_key="txt", is_sd3=False,
             cond_stage_model_empty_prompt=torch.zeros(1, 77, 768, device=device, dtype=dtype),
         )  # fmt: skip
+        self.a1111_model = self.webui.shared.sd_model
+        sf.install(_Patcher())
+        self.forge_model = sf.forge_model(self.unet)  # Forge's UNet layout around the same layers
         module = sw.load_script(self.webui)
         self.controller = module.controller
         self.script = module.SmoothedEnergyGuidanceScript()
@@ -114,11 +123,14 @@ class Bench:
         # as the webui runs half-precision weights: under autocast (fp32 timestep embeddings)
         return torch.autocast(self.device.type, dtype=torch.float16, enabled=self.dtype == torch.float16)
 
-    def step(self, args, batch, size, path=None, warmup=True):
-        """Time one CFG denoiser step (after one warm-up) and its peak memory."""
+    def step(self, webui, args, batch, size, path=None, warmup=True):
+        """Time one step of ``webui`` ("a1111", "forge") after one warm-up, and its peak memory."""
         if path is not None:  # the Settings options the script reads at every generation
             opts = self.webui.shared.opts
             opts.seg_one_call, opts.seg_share_prefix = PATHS[path]
+        if webui == "forge":
+            return self.forge_step(args, batch, size, warmup)
+        self.webui.shared.sd_model = self.a1111_model
         height, width = size[0] // 8, size[1] // 8
         g = torch.Generator().manual_seed(0)
         kw = dict(device=self.device, dtype=self.dtype)
@@ -145,6 +157,40 @@ class Bench:
             base = _reset_peak(self.device)
             start = time.perf_counter()
             denoiser(x, sigma, neg, cond, 7.0, 0.0, image_cond)
+            _synchronize(self.device)
+            elapsed = time.perf_counter() - start
+        peak = _peak(self.device, base)
+        guidance = self.controller.guidance
+        paths = dict(guidance.paths) if guidance is not None else {}
+        self.script.postprocess(p, None, *args)
+        return elapsed, peak, paths
+
+    def forge_step(self, args, batch, size, warmup):
+        """Forge's sampling function for one step: pre-CFG hooks, the chunked evaluation of the
+        prompt and the negative prompt, CFG, post-CFG hooks."""
+        sd_model = self.webui.shared.sd_model = self.forge_model
+        g = torch.Generator().manual_seed(0)
+        kw = dict(device=self.device, dtype=self.dtype)
+        cond = [{"cross_attn": torch.randn(batch, 77, 768, generator=g).to(**kw)}]
+        neg = [{"cross_attn": torch.randn(batch, 77, 768, generator=g).to(**kw)}]
+        x = torch.randn(batch, 4, size[0] // 8, size[1] // 8, generator=g).to(**kw)
+        sigma = torch.full((batch,), 7.0, **kw)
+        p = sw.Processing()
+        self.script.process(p, *args)
+        sf.reset_forge_objects(sd_model)
+        self.script.process_before_every_sampling(p, *args)
+        callbacks = self.webui.callbacks
+        callbacks.cfg_denoiser_callback(
+            callbacks.CFGDenoiserParams(x, None, sigma, 0, 10, cond, neg, types.SimpleNamespace(p=p))
+        )
+        patcher = sd_model.forge_objects.unet
+        with torch.no_grad(), self.autocast():
+            if warmup:
+                sf.sampling_function_inner(patcher.model, x, sigma, neg, cond, 7.0, patcher.model_options)
+            _synchronize(self.device)
+            base = _reset_peak(self.device)
+            start = time.perf_counter()
+            sf.sampling_function_inner(patcher.model, x, sigma, neg, cond, 7.0, patcher.model_options)
             _synchronize(self.device)
             elapsed = time.perf_counter() - start
         peak = _peak(self.device, base)
@@ -192,6 +238,7 @@ def main():
     parser.add_argument("--sizes", nargs="+", default=["512x512"], help="HEIGHTxWIDTH in pixels")
     parser.add_argument("--sigmas", nargs="+", default=["inf"])
     parser.add_argument("--layers", nargs="+", default=["middle"])
+    parser.add_argument("--webuis", nargs="+", choices=["a1111", "forge"], default=["a1111", "forge"])
     parser.add_argument("--repeats", type=int, default=1, help="timed steps per measurement (median)")
     parser.add_argument(
         "--warmup",
@@ -233,32 +280,39 @@ def main():
                 for batch in args.batches:
                     seg_args = SEGParams(enabled=True, sigma=sigma, layers=layers).to_args()
                     off_args = SEGParams(enabled=True, sigma=sigma, layers=layers, start=0.5).to_args()
-                    measured = {key: [] for key in ("cfg", "off-schedule", *PATHS)}
+                    # A1111's keys as they were ("cfg", "shared-prefix", ...); Forge's prefixed
+                    keys = [(webui, name) for webui in args.webuis for name in STEP_KINDS]
+                    label = {key: key[1] if key[0] == "a1111" else " ".join(key) for key in keys}
+                    measured = {label[key]: [] for key in keys}
                     memory, path_seen = {}, {}
                     for repeat in range(args.repeats):  # interleaved, so drift hits every path alike
-                        for key in measured:
-                            warm = args.warmup == "each" or (repeat == 0 and key == "cfg")
-                            if key == "cfg":
-                                t, m, seen = bench.step([False], batch, size, warmup=warm)
-                            elif key == "off-schedule":
-                                t, m, seen = bench.step(off_args, batch, size, "shared-prefix", warmup=warm)
+                        for key in keys:
+                            webui, name = key
+                            warm = args.warmup == "each" or (repeat == 0 and name == "cfg")
+                            if name == "cfg":
+                                t, m, seen = bench.step(webui, [False], batch, size, warmup=warm)
+                            elif name == "off-schedule":
+                                t, m, seen = bench.step(webui, off_args, batch, size, "shared-prefix", warm)
                             else:
-                                t, m, seen = bench.step(seg_args, batch, size, key, warmup=warm)
-                            measured[key].append(t)
-                            memory[key] = max(memory.get(key, 0), m)
-                            path_seen[key] = seen
+                                t, m, seen = bench.step(webui, seg_args, batch, size, name, warmup=warm)
+                            measured[label[key]].append(t)
+                            memory[label[key]] = max(memory.get(label[key], 0), m)
+                            path_seen[label[key]] = seen
                     times = {key: statistics.median(v) for key, v in measured.items()}
                     blur = bench.blur_time(batch, size, sigma, layers)
                     row = {"size": size_text, "layers": layers, "sigma": sigma_text, "batch": batch,
                            "times": times, "samples": measured, "memory": memory, "paths": path_seen,
                            "blur": blur}  # fmt: skip
                     rows.append(row)
+                    guided = label[(args.webuis[0], "shared-prefix")]
                     print(f"\n{size_text} layers={layers!r} sigma={sigma_text} batch={batch}"
                           f"  (blur of the smoothed rows: {blur * 1000:.2f} ms = "
-                          f"{100 * blur / times['shared-prefix']:.2f}% of a SEG step)")  # fmt: skip
-                    for key, t in times.items():
-                        extra = (memory[key] - memory["cfg"]) / 2**20
-                        print(f"  {key:<14} {t * 1000:10.1f} ms  {t / times['cfg']:5.3f}x CFG-only"
+                          f"{100 * blur / times[guided]:.2f}% of a SEG step)")  # fmt: skip
+                    for (webui, _), key in label.items():
+                        cfg = label[(webui, "cfg")]
+                        extra = (memory[key] - memory[cfg]) / 2**20
+                        ratio = times[key] / times[cfg]
+                        print(f"  {key:<20} {times[key] * 1000:10.1f} ms  {ratio:5.3f}x CFG-only"
                               f"  peak {fmt_bytes(memory[key])} ({extra:+.0f} MiB)"
                               f"  ran: {path_seen[key] or '-'}")  # fmt: skip
     if args.json:

@@ -26,7 +26,9 @@ from torch import nn
 from . import transformers
 from .backends import A1111, backend_of, patcher_backend_of, unet_patcher_of
 from .backends.a1111.cfg_step import CFGStepGuidance, PassSettings
+from .backends.forge_prefix import ForgePrefixSharing
 from .backends.model_patcher import Attn1Smoothing, ForgeGuidance, ForgePass, patch_keys
+from .backends.shared_batch import SharedBatch
 from .layers import resolve_attn1
 from .params import (
     INFOTEXT_KEYS,
@@ -91,9 +93,9 @@ class Run:
 class SEGController:
     def __init__(self, current_model: Callable[[], object]):
         self.current_model = current_model
-        # how A1111 evaluates the smoothed rows: inside the webui's own model call when the batch
-        # layout allows it (sharing the UNet blocks before the first smoothed layer), else in one
-        # extra call. Both off = always the extra call (what the bench compares against).
+        # how the smoothed rows are evaluated (A1111 and the Forge family alike): inside the webui's
+        # own model calls when the batch layout allows it (sharing the UNet blocks before the first
+        # smoothed layer), else in one extra evaluation. Both off = always the extra evaluation.
         self.one_call = True
         self.share_prefix = True
         self.guidance: CFGStepGuidance | ForgeGuidance | None = None
@@ -211,13 +213,21 @@ class SEGController:
         if backend_of(sd_model) != A1111:
             backend = patcher_backend_of(unet_patcher_of(sd_model))
             try:
-                evaluate, attention = backend.entry_points()
+                webui = backend.entry_points()
             except (AttributeError, ImportError) as error:
                 self.report(p, run, f"SEG: this webui's sampling functions are not where SEG looks "
                             f"({error}); generated without SEG")  # fmt: skip
                 return
+            batched = None
             if unet is not None:
-                smoothing = Attn1Smoothing(patch_keys(target.names), sigma, attention)
+                keys = patch_keys(target.names)
+                smoothing = Attn1Smoothing(keys, sigma, webui.attention)
+                if self.one_call:
+                    prefix = (ForgePrefixSharing(unet, target.attn1_modules, webui.unet_forward)
+                              if self.share_prefix else None)  # fmt: skip
+                    batched = SharedBatch(sigma, keys, webui.attention, webui.fits, prefix)
+                    if prefix is not None and prefix.reason is not None:
+                        log.info("SEG: no UNet blocks shared with the smoothed rows: %s", prefix.reason)
             else:
                 try:
                     slots = backend.transformer_kernels(target.family.name, target.blocks)
@@ -227,7 +237,8 @@ class SEGController:
                 smoothing = transformers.TransformerSmoothing(target.transformer, target.family,
                                                               target.blocks, slots, sigma)  # fmt: skip
             forge_pass = ForgePass(scale, sigma, params.branch, params.start, params.end)
-            guidance = ForgeGuidance(forge_pass, evaluate, smoothing, warn=warn)
+            guidance = ForgeGuidance(forge_pass, webui.evaluate, smoothing, warn=warn, batched=batched,
+                                     calc_cond_batch=webui.calc_cond_batch)  # fmt: skip
             guidance.install(sd_model)
             self.guidance = guidance
         else:

@@ -152,6 +152,19 @@ def unet_blocks(unet: nn.Module) -> list[tuple[str, int, str, nn.Module]]:
     return blocks
 
 
+def blocks_before(unet: nn.Module, modules) -> list[tuple[str, int, nn.Module]]:
+    """``(side, index, block)`` of the blocks that run before the first block holding one of
+    ``modules``, in execution order (all blocks when none holds one)."""
+    ordered = [entry for side in _SIDE_ORDER for entry in unet_blocks(unet) if entry[0] == side]
+    wanted = {id(module) for module in modules}
+    before = []
+    for side, index, _, block in ordered:
+        if any(id(module) in wanted for module in block.modules()):
+            break
+        before.append((side, index, block))
+    return before
+
+
 def resolve_attn1(unet: nn.Module, selection: LayerSelection) -> list[tuple[str, nn.Module]]:
     """The self-attention modules of the selected blocks, as (qualified name, module)."""
     found = []

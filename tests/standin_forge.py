@@ -78,8 +78,10 @@ def attention_function(q, k, v, heads, mask=None, skip_reshape=False):
 def forge_attention(unet, transformer_options, latent_shape, extra_options=None):
     """Run the ldm UNet's attn1 layers the way Forge's transformer blocks do: a replace patch
     found under (block, id, index) or (block, id) gets to_q/to_k/to_v outputs and computes the
-    attention; otherwise the layer's own attention runs."""
+    attention, with the call's transformer options (but the patches) in its ``extra_options``;
+    otherwise the layer's own attention runs."""
     replace = transformer_options.get("patches_replace", {}).get("attn1", {})
+    call_options = {k: v for k, v in transformer_options.items() if k not in ("patches", "patches_replace")}
     patched = []
     for name, module in resolve_attn1(unet, parse_layers("all")):
         parts = name.split(".")
@@ -90,6 +92,7 @@ def forge_attention(unet, transformer_options, latent_shape, extra_options=None)
         if patch is None:
             continue
         extra = {
+            **call_options,
             "n_heads": module.heads,
             "original_shape": list(latent_shape),
             "block": block,
@@ -113,60 +116,146 @@ def forge_attention(unet, transformer_options, latent_shape, extra_options=None)
 # per-row conditioning besides the text that Forge's KModel hands the diffusion model as keyword
 # arguments (``extra_conds``): the pooled vector and Flux-dev's distilled guidance value
 EXTRA_CONDS = ("y", "guidance")
+FREE_MEMORY = math.inf  # what get_free_memory reports; tests lower it to make Forge split calls
+MEMORY_PER_ROW_AREA = 1000.0  # KModel.memory_required's bytes per row and latent pixel
+
+
+class KModel:
+    """backend.modules.k_model.KModel's surface: ``apply_model(x, t, c_crossattn, control,
+    transformer_options, **extra_conds)`` (k-diffusion eps scaling) and ``memory_required``.
+    ``calls`` records each call's rows; ``extra_options`` is what the attention blocks add to a
+    replace patch's ``extra_options`` (ldm_patched: ``attn_precision``)."""
+
+    def __init__(self, diffusion_model, extra_options=None):
+        self.diffusion_model = diffusion_model
+        self.extra_options = extra_options
+        self.calls: list[int] = []
+
+    def memory_required(self, input_shape):
+        return input_shape[0] * input_shape[2] * input_shape[3] * MEMORY_PER_ROW_AREA
+
+    def apply_model(self, x, t, c_crossattn=None, control=None, transformer_options=None, **kwargs):
+        self.calls.append(int(x.shape[0]))
+        sigma = t
+        c_in = 1 / (sigma**2 + 1) ** 0.5
+        net = self.diffusion_model
+        options = transformer_options if transformer_options is not None else {}
+        extra = self.extra_options() if callable(self.extra_options) else (self.extra_options or {})
+        if not hasattr(net, "input_blocks"):  # a diffusion transformer: no attn1 blocks to patch
+            eps = net(x * c_in[:, None, None, None], t / 1000, context=c_crossattn,
+                      transformer_options=options, **kwargs)  # fmt: skip
+            return x - eps * sigma[:, None, None, None]
+        steps = (sigma * 100).round()
+        with forge_attention(net, options, x.shape, extra):
+            if type(net).__name__ == "IntegratedUNet2DConditionModel":
+                eps = net(x * c_in[:, None, None, None], steps, context=c_crossattn, control=control,
+                          transformer_options=options, **kwargs)  # fmt: skip
+            else:
+                eps = net(x * c_in[:, None, None, None], steps, context=c_crossattn)
+        return x - eps * sigma[:, None, None, None]
+
+
+def as_kmodel(model):
+    return model if isinstance(model, KModel) else KModel(model.diffusion_model)
 
 
 def apply_model(model, x, sigma, context, model_options, extra_options=None, extra_conds=None):
-    c_in = 1 / (sigma**2 + 1) ** 0.5
-    t = (sigma * 100).round()
-    net = model.diffusion_model
-    transformer_options = model_options.get("transformer_options", {})
-    if not hasattr(net, "input_blocks"):  # a diffusion transformer: no attn1 blocks to patch
-        eps = net(x * c_in[:, None, None, None], t / 1000, context=context,
-                  transformer_options=transformer_options, **(extra_conds or {}))  # fmt: skip
-        return x - eps * sigma[:, None, None, None]
-    with forge_attention(net, transformer_options, x.shape, extra_options):
-        eps = net(x * c_in[:, None, None, None], t, context=context)
-    return x - eps * sigma[:, None, None, None]
+    kmodel = KModel(model.diffusion_model, extra_options)
+    options = dict(model_options.get("transformer_options", {}))
+    return kmodel.apply_model(
+        x, sigma, c_crossattn=context, transformer_options=options, **(extra_conds or {})
+    )
 
 
 def extra_conds_of(entries):
     return {key: torch.cat([entry[key] for entry in entries]) for key in EXTRA_CONDS if key in entries[0]}
 
 
+def get_free_memory(dev=None, torch_free_too=False):
+    return FREE_MEMORY
+
+
 def calc_cond_uncond_batch(model, cond, uncond, x_in, timestep, model_options):
-    """Strength-weighted average over cond entries (and over uncond entries), batched in one call."""
+    """Forge's two-list evaluator: a strength-weighted average over the cond entries and over the
+    uncond entries."""
     return tuple(calc_cond_batch(model, [cond, uncond], x_in, timestep, model_options))
 
 
-def calc_cond_batch(model, conds, x_in, timestep, model_options, extra_options=None):
-    """ComfyUI's list form: one strength-weighted average per list of cond entries (None: zeros)."""
-    entries = [(entry, kind) for kind, group in enumerate(conds) for entry in (group or [])]
-    contexts = [e["cross_attn"] for e, _ in entries]
-    length = max(c.shape[1] for c in contexts)
-    if all(c.shape[1] == length for c in contexts):
-        outputs = apply_model(
-            model,
-            x_in.repeat(len(entries), 1, 1, 1),
-            timestep.repeat(len(entries)),
-            torch.cat(contexts),
-            model_options,
-            extra_options,
-            extra_conds_of([e for e, _ in entries]),
-        ).chunk(len(entries))
-    else:
-        outputs = [
-            apply_model(
-                model, x_in, timestep, e["cross_attn"], model_options, extra_options, extra_conds_of([e])
-            )
-            for e, _ in entries
-        ]
+def _can_concat(entry, first):
+    return (
+        entry["cross_attn"].shape == first["cross_attn"].shape
+        and entry.get("control") is first.get("control")
+        and [key for key in EXTRA_CONDS if key in entry] == [key for key in EXTRA_CONDS if key in first]
+    )
+
+
+def calc_cond_batch(model, conds, x_in, timestep, model_options, layout="forge"):
+    """ComfyUI's list form, batched as Forge batches: every entry is one chunk (x_in's rows);
+    chunks that can be concatenated share a call, taken in reverse order and as many as
+    ``memory_required`` allows against ``get_free_memory``; each call goes through
+    ``model_function_wrapper`` when set, with the chunks' kinds in ``cond_or_uncond`` and the
+    transformer options Forge (``layout="forge"``: ``cond_mark``, ``cond_indices``) or reForge
+    (``"reforge"``: ``uuids``) writes. Lists that are None give zeros."""
+    model = as_kmodel(model)
+    to_run = [(entry, kind) for kind, group in enumerate(conds) for entry in (group or [])]
     sums = [torch.zeros_like(x_in) for _ in conds]
     counts = [torch.full_like(x_in, 1e-37) for _ in conds]
-    for (entry, kind), output in zip(entries, outputs, strict=True):
-        strength = entry.get("strength", 1.0)
-        sums[kind] += output * strength
-        counts[kind] += strength
+    rows = x_in.shape[0]
+    while to_run:
+        first = to_run[0][0]
+        compatible = [i for i, (entry, _) in enumerate(to_run) if _can_concat(entry, first)][::-1]
+        chosen = compatible[:1]
+        free = get_free_memory(x_in.device)
+        for split in range(1, len(compatible) + 1):
+            amount = compatible[: len(compatible) // split]
+            if model.memory_required([len(amount) * rows, *x_in.shape[1:]]) < free:
+                chosen = amount
+                break
+        picked = [to_run.pop(i) for i in chosen]
+        entries, kinds = [e for e, _ in picked], [k for _, k in picked]
+        c = {"c_crossattn": torch.cat([e["cross_attn"] for e in entries]), **extra_conds_of(entries)}
+        options = dict(model_options.get("transformer_options", {}))
+        options["cond_or_uncond"] = kinds[:]
+        options["sigmas"] = timestep
+        if layout == "forge":
+            options["cond_mark"] = torch.tensor([k for k in kinds for _ in range(rows)], dtype=timestep.dtype)
+            options["cond_indices"] = [r for r in range(len(kinds) * rows) if kinds[r // rows] == 0]
+            options["uncond_indices"] = [r for r in range(len(kinds) * rows) if kinds[r // rows] != 0]
+        else:
+            options["uuids"] = [e.get("uuid") for e in entries]
+        c["transformer_options"] = options
+        input_x = torch.cat([x_in] * len(entries))
+        timestep_ = torch.cat([timestep] * len(entries))
+        control = first.get("control")
+        if control is not None:
+            c["control"] = control.get_control(input_x, timestep_, dict(c), len(kinds))
+        wrapper = model_options.get("model_function_wrapper")
+        if wrapper is not None:
+            args = {"input": input_x, "timestep": timestep_, "c": c, "cond_or_uncond": kinds}
+            output = wrapper(model.apply_model, args)
+        else:
+            output = model.apply_model(input_x, timestep_, **c)
+        for (entry, kind), chunk in zip(picked, output.chunk(len(kinds)), strict=True):
+            strength = entry.get("strength", 1.0)
+            sums[kind] += chunk * strength
+            counts[kind] += strength
     return [total / count for total, count in zip(sums, counts, strict=True)]
+
+
+class ControlNet:
+    """A ControlNet-like ``control`` entry: per-row residuals for the first input block and the
+    middle block, a function of each row's latent (Forge's ``get_control`` output layout: lists
+    popped from the end, None where a block gets nothing)."""
+
+    def __init__(self, strength=0.5):
+        self.strength = strength
+        self.calls: list[int] = []
+
+    def get_control(self, x_noisy, t, cond, batched_number):
+        self.calls.append(int(x_noisy.shape[0]))
+        base = x_noisy.mean(dim=1, keepdim=True) * self.strength
+        middle = F.avg_pool2d(base, 8, ceil_mode=True)
+        return {"input": [None] * 11 + [base], "middle": [middle], "output": []}
 
 
 def sampling_function_inner(model, x, timestep, uncond, cond, cond_scale, model_options):
@@ -175,6 +264,10 @@ def sampling_function_inner(model, x, timestep, uncond, cond, cond_scale, model_
         if math.isclose(cond_scale, 1.0) and not model_options.get("disable_cfg1_optimization")
         else uncond
     )
+    for fn in model_options.get("sampler_pre_cfg_function", []):
+        model, cond, uncond_, x, timestep, model_options = fn(
+            model, cond, uncond_, x, timestep, model_options
+        )
     cond_pred, uncond_pred = calc_cond_uncond_batch(model, cond, uncond_, x, timestep, model_options)
     cfg_result = uncond_pred + (cond_pred - uncond_pred) * cond_scale
     for fn in model_options.get("sampler_post_cfg_function", []):
@@ -185,8 +278,20 @@ def sampling_function_inner(model, x, timestep, uncond, cond, cond_scale, model_
     return cfg_result
 
 
-def forge_model(unet, patcher_class=None):
-    patcher = (patcher_class or UnetPatcher)(types.SimpleNamespace(diffusion_model=unet))
+def forge_unet(ldm_unet):
+    """Forge's UNet layout around an ldm UNet's layers (the same weights)."""
+    from forge_nn.unet import IntegratedUNet2DConditionModel
+
+    if not hasattr(ldm_unet, "input_blocks") or type(ldm_unet).__name__ == "IntegratedUNet2DConditionModel":
+        return ldm_unet
+    return IntegratedUNet2DConditionModel(ldm_unet).eval()
+
+
+def forge_model(unet, patcher_class=None, extra_options=None):
+    """A Forge sd_model: Forge's UNet layout for an ldm UNet (ldm_patched passes its own
+    ``patcher_class`` and keeps the ldm UNet, whose blocks run layer by layer there too)."""
+    net = unet if patcher_class not in (None, UnetPatcher) else forge_unet(unet)
+    patcher = (patcher_class or UnetPatcher)(KModel(net, extra_options))
     model = types.SimpleNamespace(
         forge_objects=types.SimpleNamespace(unet=patcher),
         forge_objects_after_applying_lora=types.SimpleNamespace(unet=patcher),
@@ -234,6 +339,10 @@ def install(monkeypatch):
     sampling.__path__ = []
     function = types.ModuleType(EVALUATOR_MODULE)
     function.calc_cond_uncond_batch = calc_cond_uncond_batch
-    for name, module in {"backend": backend, "backend.attention": attention, "backend.sampling": sampling,
-                         EVALUATOR_MODULE: function}.items():  # fmt: skip
+    memory = types.ModuleType("backend.memory_management")
+    memory.get_free_memory = get_free_memory
+    backend.memory_management = memory
+    modules = {"backend": backend, "backend.attention": attention, "backend.sampling": sampling,
+               EVALUATOR_MODULE: function, "backend.memory_management": memory}  # fmt: skip
+    for name, module in modules.items():
         monkeypatch.setitem(sys.modules, name, module)

@@ -7,9 +7,13 @@ they differ:
   ``ldm_patched.modules.model_patcher.ModelPatcher`` (``clone``, ``model_options``,
   ``set_model_sampler_post_cfg_function``);
 - ``ldm_patched.modules.samplers``: ComfyUI's list form ``calc_cond_batch(model, conds, x_in,
-  timestep, model_options)``, ``calc_cond_uncond_batch`` as its two-list wrapper, and reForge's
-  ``sampling_function``, whose cfg1 optimisation hands the post-CFG functions ``uncond=None``
-  (Forge and Forge Classic hand the negative conds and a zero prediction);
+  timestep, model_options)`` (reForge, batched as ``standin_forge.calc_cond_batch`` with reForge's
+  transformer options), Forge Classic's two-list ``calc_cond_uncond_batch``, and
+  ``sampling_function`` in reForge's form (``sampler_calc_cond_batch_function``) or, without
+  ``calc_cond_batch``, Forge Classic's (pre-CFG functions before the evaluation); its cfg1
+  optimisation hands the post-CFG functions ``uncond=None`` (Forge and Forge Classic hand the
+  negative conds and a zero prediction);
+- ``ldm_patched.modules.model_management.get_free_memory``;
 - ``ldm_patched.ldm.modules.attention.optimized_attention(q, k, v, heads, mask=None,
   attn_precision=None, ...)``, and ``attn_precision`` in the ``extra_options`` a replace patch
   receives (``BasicTransformerBlock.forward``); ``ATTN_PRECISION`` sets it (SD2 upcasts to
@@ -54,21 +58,44 @@ def optimized_attention(q, k, v, heads, mask=None, attn_precision=None, skip_res
 
 
 def calc_cond_batch(model, conds, x_in, timestep, model_options):
-    return sf.calc_cond_batch(model, conds, x_in, timestep, model_options, {"attn_precision": ATTN_PRECISION})
+    return sf.calc_cond_batch(model, conds, x_in, timestep, model_options, layout="reforge")
 
 
 def calc_cond_uncond_batch(model, cond, uncond, x_in, timestep, model_options):
-    return tuple(calc_cond_batch(model, [cond, uncond], x_in, timestep, model_options))
+    """Forge Classic's two-list evaluator (Forge's layout of transformer options)."""
+    return tuple(sf.calc_cond_batch(model, [cond, uncond], x_in, timestep, model_options))
 
 
 def sampling_function(model, x, timestep, uncond, cond, cond_scale, model_options=None, seed=None):
+    """reForge's when ``calc_cond_batch`` exists: ``sampler_calc_cond_batch_function`` replaces the
+    evaluation, the pre-CFG functions (list form, after it) are not used by SEG. Forge Classic's
+    otherwise: pre-CFG functions of Forge's form, then the two-list evaluator."""
     model_options = model_options or {}
     uncond_ = (
         None
         if math.isclose(cond_scale, 1.0) and not model_options.get("disable_cfg1_optimization", False)
         else uncond
     )
-    cond_pred, uncond_pred = calc_cond_batch(model, [cond, uncond_], x, timestep, model_options)
+    samplers = sys.modules[EVALUATOR_MODULE]
+    if hasattr(samplers, "calc_cond_batch"):
+        conds = [cond, uncond_]
+        if "sampler_calc_cond_batch_function" in model_options:
+            args = {
+                "conds": conds,
+                "input": x,
+                "sigma": timestep,
+                "model": model,
+                "model_options": model_options,
+            }
+            cond_pred, uncond_pred = model_options["sampler_calc_cond_batch_function"](args)
+        else:
+            cond_pred, uncond_pred = calc_cond_batch(model, conds, x, timestep, model_options)
+    else:
+        for fn in model_options.get("sampler_pre_cfg_function", []):
+            model, cond, uncond_, x, timestep, model_options = fn(
+                model, cond, uncond_, x, timestep, model_options
+            )
+        cond_pred, uncond_pred = calc_cond_uncond_batch(model, cond, uncond_, x, timestep, model_options)
     cfg_result = uncond_pred + (cond_pred - uncond_pred) * cond_scale
     for fn in model_options.get("sampler_post_cfg_function", []):
         args = {"denoised": cfg_result, "cond": cond, "uncond": uncond_, "cond_scale": cond_scale,
@@ -79,7 +106,7 @@ def sampling_function(model, x, timestep, uncond, cond, cond_scale, model_option
 
 
 def forge_model(unet):
-    return sf.forge_model(unet, UnetPatcher)
+    return sf.forge_model(unet, UnetPatcher, extra_options=lambda: {"attn_precision": ATTN_PRECISION})
 
 
 def install(monkeypatch):
@@ -94,9 +121,11 @@ def install(monkeypatch):
     ldm_modules = types.ModuleType("ldm_patched.ldm.modules")
     attention = types.ModuleType("ldm_patched.ldm.modules.attention")
     attention.optimized_attention = optimized_attention
+    management = types.ModuleType("ldm_patched.modules.model_management")
+    management.get_free_memory = sf.get_free_memory
     for package in (root, modules, ldm, ldm_modules):
         package.__path__ = []
-    root.modules, root.ldm, modules.samplers = modules, ldm, samplers
+    root.modules, root.ldm, modules.samplers, modules.model_management = modules, ldm, samplers, management
     ldm.modules, ldm_modules.attention = ldm_modules, attention
-    for module in (root, modules, samplers, ldm, ldm_modules, attention):
+    for module in (root, modules, samplers, management, ldm, ldm_modules, attention):
         monkeypatch.setitem(sys.modules, module.__name__, module)

@@ -815,7 +815,7 @@ def test_shared_prefix_equals_full_recomputation(webui):
 
 
 def test_sdxl_dict_conditioning_keeps_its_class_and_shape():
-    from lib_seg.backends.a1111.batch_rows import concat_rows, insert_rows
+    from lib_seg.backends.batch_rows import concat_rows, insert_rows
 
     class DictWithShape(dict):  # A1111's SDXL conditioning: shape is a read-only property
         def __init__(self, x, shape=None):

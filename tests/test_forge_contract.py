@@ -75,7 +75,10 @@ def generate(forge, args, *, batch=1, cfg=5.0, steps=3, hires=False, cond=None, 
             forge.script.process_before_every_sampling(p, *args)
             options = forge.shared.sd_model.forge_objects.unet.model_options
             functions = options.get("sampler_post_cfg_function", [])
-            assert sum(hasattr(f, MARKER) for f in functions) == (0 if forge.hires_off else 1)
+            # SEG's post-CFG function and the one ending the step's own calls, once each
+            assert sum(hasattr(f, MARKER) for f in functions) == (0 if forge.hires_off else 2)
+            wrapper = options.get("model_function_wrapper")
+            assert (wrapper is None) if forge.hires_off else hasattr(wrapper, MARKER)
         x = torch.randn(batch, 4, *LATENT, generator=torch.Generator().manual_seed(42))
         out = sf.sample(forge, p, x, sw.sigmas(steps), cond, neg, cfg, forge.sampling_function)
         forge.script.post_sample(p, None, *args)
@@ -257,6 +260,8 @@ def test_flux_like_model_warns_and_generates_normally(forge, caplog):
 
 
 def test_failing_extra_pass_stops_guidance_not_the_image(forge, monkeypatch):
+    monkeypatch.setattr(forge.shared.opts, "seg_one_call", False, raising=False)  # the separate path
+
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
@@ -309,6 +314,7 @@ def test_same_parameters_same_smoothed_prediction_on_both_webuis(unet):
 
 
 def test_out_of_memory_in_the_extra_pass_skips_only_that_step(forge, monkeypatch):
+    monkeypatch.setattr(forge.shared.opts, "seg_one_call", False, raising=False)  # the separate path
     function, name = sys.modules[forge.standin.EVALUATOR_MODULE], forge.standin.EVALUATOR
     evaluate, state = getattr(function, name), {"calls": 0}
 

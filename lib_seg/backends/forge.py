@@ -2,8 +2,11 @@
 
 Its UNet patcher is ``backend.patcher.unet.UnetPatcher`` (a ``backend.patcher.base``
 ``ModelPatcher``); its batch evaluator is ``backend.sampling.sampling_function``
-``calc_cond_uncond_batch(model, cond, uncond, x, sigma, model_options)`` and its attention
-``backend.attention.attention_function(q, k, v, heads)``. Imported only when a Forge model is in use.
+``calc_cond_uncond_batch(model, cond, uncond, x, sigma, model_options)``, which sizes each model call
+with ``model.memory_required(shape) < backend.memory_management.get_free_memory(device)``; its
+attention is ``backend.attention.attention_function(q, k, v, heads)``, and its UNet
+``backend.nn.unet.IntegratedUNet2DConditionModel`` calls its blocks as modules. Imported only when a
+Forge model is in use.
 
 Forge's diffusion transformers (``backend/nn/flux.py``, ``chroma.py``, ``mmditx.py``) take no
 patches, so SEG finds the kernel their blocks call by name in the blocks' own module:
@@ -34,11 +37,19 @@ KERNEL_PATHS = {"Flux": ("attention", "attention_function"), "Chroma": ("attenti
 
 
 def entry_points():
-    """``(evaluate, attention)`` for ``model_patcher.ForgeGuidance``."""
+    """The ``model_patcher.WebuiFunctions`` of Forge."""
+    from backend import memory_management
     from backend.attention import attention_function
     from backend.sampling.sampling_function import calc_cond_uncond_batch
 
-    return calc_cond_uncond_batch, attention_function
+    from .forge_prefix import FORGE_UNET_FORWARD
+    from .model_patcher import WebuiFunctions
+
+    def fits(model, input_shape, device) -> bool:
+        # calc_cond_uncond_batch's own test for the rows of one call
+        return model.memory_required(input_shape) < memory_management.get_free_memory(device)
+
+    return WebuiFunctions(calc_cond_uncond_batch, attention_function, fits, unet_forward=FORGE_UNET_FORWARD)
 
 
 def transformer_kernels(family_name: str, blocks: Sequence[nn.Module]) -> list[KernelSlot]:

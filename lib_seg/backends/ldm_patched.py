@@ -10,7 +10,11 @@ Classic has only the former). The attention is
 ``ldm_patched.ldm.modules.attention.optimized_attention``, chosen when that module is imported
 (xformers, PyTorch SDPA, sub-quadratic, ...); it is read at each call, and reForge's
 ``attn_precision`` (SD2's float32 upcast, handed to replace patches in ``extra_options``) is
-passed on where the function takes it, as the webui's own attention does.
+passed on where the function takes it, as the webui's own attention does. Both size each model
+call with ``model.memory_required(shape)`` against
+``ldm_patched.modules.model_management.get_free_memory(device)`` (reForge with a 1.5 margin). Their
+UNet (``openaimodel.UNetModel``) runs each block's layers through ``forward_timestep_embed``, past
+block hooks: SEG's rows ride in its calls, but no blocks are shared.
 """
 
 from __future__ import annotations
@@ -23,9 +27,12 @@ PACKAGE = "ldm_patched"  # the top-level package its patcher classes live in
 
 
 def entry_points():
-    """``(evaluate, attention)`` for ``model_patcher.ForgeGuidance``."""
+    """The ``model_patcher.WebuiFunctions`` of reForge or Forge Classic."""
     import ldm_patched.ldm.modules.attention as attention_module
+    import ldm_patched.modules.model_management as model_management
     import ldm_patched.modules.samplers as samplers
+
+    from .model_patcher import WebuiFunctions
 
     calc_cond_batch = getattr(samplers, "calc_cond_batch", None)
     if calc_cond_batch is not None:  # reForge: ComfyUI's list form (its two-list wrapper is deprecated)
@@ -33,8 +40,16 @@ def entry_points():
         def evaluate(model, cond, uncond, x, sigma, model_options):
             return tuple(calc_cond_batch(model, [cond, uncond], x, sigma, model_options))
 
+        margin = 1.5  # reForge's calc_cond_batch keeps this factor over the model's estimate
     else:  # Forge Classic
         evaluate = samplers.calc_cond_uncond_batch
+        margin = 1.0
+
+    def fits(model, input_shape, device) -> bool:
+        estimate = getattr(model, "memory_required", None)
+        if estimate is None:
+            return True
+        return estimate(input_shape) * margin < model_management.get_free_memory(device)
 
     def attention(q, k, v, heads, attn_precision=None):
         function = attention_module.optimized_attention
@@ -42,7 +57,7 @@ def entry_points():
             return function(q, k, v, heads, attn_precision=attn_precision)
         return function(q, k, v, heads)
 
-    return evaluate, attention
+    return WebuiFunctions(evaluate, attention, fits, calc_cond_batch=calc_cond_batch)
 
 
 @lru_cache(maxsize=16)

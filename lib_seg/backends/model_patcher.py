@@ -2,12 +2,20 @@
 Classic): their own extension points, no module hooks.
 
 For each sampling pass the script clones ``p.sd_model.forge_objects.unet`` and adds one post-CFG
-function. At a guided step that function re-runs the smoothed branch's conditioning through the
-webui's own batch evaluator with the smoothing in place, and adds the SEG term to the CFG result.
-On a UNet the smoothing is an ``attn1`` replace patch on the selected blocks (``Attn1Smoothing``:
-it blurs the queries the webui hands it, then runs the webui's attention); on Forge's diffusion
-transformers it is ``transformers.TransformerSmoothing``. The webui's regular cond/uncond
-evaluation never sees either. The evaluator and the attention are passed in
+function, which adds the SEG term to the CFG result at a guided step. The smoothed prediction
+comes from one of two paths:
+
+- on a UNet, by default, SEG's rows ride in the webui's own batched model calls
+  (``shared_batch.SharedBatch``: a ``model_function_wrapper``, a planning hook run right before the
+  step's evaluation, and a post-CFG function first in the list that ends the step's calls), with
+  the UNet blocks before the first smoothed one shared in Forge's own UNet (``forge_prefix``);
+- otherwise (a step that path cannot map, the Settings switch off, a diffusion transformer) the
+  post-CFG function re-runs the smoothed branch's conditioning through the webui's batch evaluator
+  with the smoothing in place: an ``attn1`` replace patch on the selected blocks (``Attn1Smoothing``:
+  it blurs the queries the webui hands it, then runs the webui's attention), or on Forge's
+  diffusion transformers ``transformers.TransformerSmoothing``.
+
+The webui's regular rows never meet a blurred query. The webui's functions are passed in
 (``forge.entry_points``, ``ldm_patched.entry_points``), so this module imports nothing from a
 webui.
 
@@ -20,6 +28,7 @@ other additive post-CFG guidance (SAG, PAG) composes with it to the same result 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -31,6 +40,7 @@ from ..guidance import BRANCH_UNCOND, seg_term, smoothed_source
 from ..layers import INPUT, MIDDLE, OUTPUT
 from ..memory import free_cached_memory, is_out_of_memory
 from ..schedule import is_active_step
+from .shared_batch import PATH_SEPARATE, SharedBatch
 
 log = logging.getLogger("sd_webui_seg")
 MARKER = "_sd_webui_seg"
@@ -103,6 +113,20 @@ class Attn1Smoothing:
 
 
 @dataclass
+class WebuiFunctions:
+    """What SEG calls in a Forge-family webui."""
+
+    evaluate: Callable  # calc_cond_uncond_batch(model, cond, uncond, x, sigma, model_options)
+    attention: Callable  # (q, k, v, heads[, attn_precision]) on (B, N, heads*d)
+    fits: Callable  # (model, input shape, device) -> whether the webui's memory estimate fits
+    # reForge: its list-form evaluator; SEG's plan is made in sampler_calc_cond_batch_function
+    # (its pre-CFG functions run after the evaluation). Forge, Forge Classic: None, the plan is
+    # made in a sampler_pre_cfg_function.
+    calc_cond_batch: Callable | None = None
+    unet_forward: str | None = None  # the UNet forward whose blocks SEG may share (Forge only)
+
+
+@dataclass
 class ForgePass:
     scale: float
     sigma: float
@@ -120,11 +144,16 @@ class ForgeGuidance:
         evaluate: Callable,
         smoothing,
         warn: Callable[[str], None] | None = None,
+        batched: SharedBatch | None = None,
+        calc_cond_batch: Callable | None = None,
     ):
         self.settings = settings
         self.evaluate = evaluate  # the webui's calc_cond_uncond_batch
         self.smoothing = smoothing  # Attn1Smoothing or transformers.TransformerSmoothing
         self.warn = warn or (lambda message: log.warning("SEG: %s", message))
+        self.batched = batched  # the rows in the webui's own calls, or None (always separate)
+        self.calc_cond_batch = calc_cond_batch
+        self.paths: Counter[str] = Counter()
         self.step = (0, 1)
         self.failed = False
         self._original_unet = None
@@ -147,8 +176,13 @@ class ForgeGuidance:
                 args.get("uncond") is not None and uncond_pred is not None and bool(uncond_pred.any())
             )
             source = smoothed_source(settings.branch, has_uncond)
-            conds = args["uncond"] if source == BRANCH_UNCOND else args["cond"]
-            smoothed = self.smoothing.evaluate(self.evaluate, args, conds)
+            taken = self.batched.take(source) if self.batched is not None else None
+            if taken is None:
+                conds = args["uncond"] if source == BRANCH_UNCOND else args["cond"]
+                smoothed, path = self.smoothing.evaluate(self.evaluate, args, conds), PATH_SEPARATE
+            else:
+                smoothed, path = taken
+            self.paths[path] += 1
             prediction = uncond_pred if source == BRANCH_UNCOND else args["cond_denoised"]
             return denoised + seg_term(prediction, smoothed, settings.scale).to(denoised.dtype)
         except Exception as error:  # never break the user's generation
@@ -162,27 +196,85 @@ class ForgeGuidance:
             return denoised
 
     def install(self, sd_model) -> None:
-        """Clone the pass's UnetPatcher with our post-CFG function (idempotent: Forge calls the
-        pass hook twice in the hires pass, and a clone of a clone keeps our function once)."""
+        """Clone the pass's UnetPatcher with our functions (idempotent: Forge calls the pass hook
+        twice in the hires pass, and a clone of a clone keeps our functions once)."""
         unet = sd_model.forge_objects.unet
         patched = unet.clone()
-        functions = patched.model_options.get("sampler_post_cfg_function", [])
-        patched.model_options["sampler_post_cfg_function"] = [f for f in functions if not hasattr(f, MARKER)]
-        post_cfg = self.post_cfg_function()
-        patched.set_model_sampler_post_cfg_function(post_cfg)
+        options = patched.model_options
+        for key in ("sampler_post_cfg_function", "sampler_pre_cfg_function"):
+            if key in options:
+                options[key] = [f for f in options[key] if not hasattr(f, MARKER)]
+        for key in ("model_function_wrapper", "sampler_calc_cond_batch_function"):
+            if hasattr(options.get(key), MARKER):
+                del options[key]
+        if self.batched is not None:
+            self._install_batched(options)
+        patched.set_model_sampler_post_cfg_function(_marked(self.post_cfg))
         sd_model.forge_objects.unet = patched
         self._sd_model, self._original_unet, self._installed_unet = sd_model, unet, patched
 
-    def post_cfg_function(self) -> Callable:
-        def seg_post_cfg(args):
-            return self.post_cfg(args)
+    def _install_batched(self, options: dict) -> None:
+        batched = self.batched
+        if "model_function_wrapper" in options:  # another extension's: plans see it is not ours
+            batched.wrapper = _marked(batched.wrap)
+        else:
+            batched.wrapper = options["model_function_wrapper"] = _marked(batched.wrap)
 
-        setattr(seg_post_cfg, MARKER, True)
-        return seg_post_cfg
+        def end_of_evaluation(args):
+            batched.disarm()
+            return args["denoised"]
+
+        # first, so that other post-CFG guidance's own evaluations get no SEG rows
+        options["sampler_post_cfg_function"] = [_marked(end_of_evaluation),
+                                                *options.get("sampler_post_cfg_function", [])]  # fmt: skip
+        if self.calc_cond_batch is None:
+
+            def plan_step(model, cond, uncond, x, timestep, model_options):
+                self.plan_step(model, cond, uncond, model_options)
+                return model, cond, uncond, x, timestep, model_options
+
+            options["sampler_pre_cfg_function"] = [*options.get("sampler_pre_cfg_function", []),
+                                                   _marked(plan_step)]  # fmt: skip
+            return
+        evaluate_list = options.get("sampler_calc_cond_batch_function")
+        calc_cond_batch = self.calc_cond_batch
+
+        def plan_and_evaluate(args):
+            model, conds, options = args["model"], args["conds"], args["model_options"]
+            self.plan_step(model, conds[0], conds[1] if len(conds) > 1 else None, options)
+            try:
+                if evaluate_list is not None:
+                    return evaluate_list(args)
+                return calc_cond_batch(model, conds, args["input"], args["sigma"], options)
+            finally:
+                batched.disarm()
+
+        options["sampler_calc_cond_batch_function"] = _marked(plan_and_evaluate)
+
+    def plan_step(self, model, cond, uncond, model_options: dict) -> None:
+        """Right before the webui evaluates a step: whether SEG's rows ride in its calls."""
+        settings = self.settings
+        if self.failed or not is_active_step(*self.step, settings.start, settings.end):
+            self.batched.plan = None
+            return
+        self.batched.make_plan(model, cond, uncond, model_options, settings.branch)
 
     def close(self) -> None:
         """Put the unpatched UnetPatcher back if ours is still in place."""
+        if self.batched is not None:
+            self.batched.close()
         sd_model = self._sd_model
         if sd_model is not None and getattr(sd_model.forge_objects, "unet", None) is self._installed_unet:
             sd_model.forge_objects.unet = self._original_unet
         self._sd_model = self._original_unet = self._installed_unet = None
+
+
+def _marked(function: Callable) -> Callable:
+    """A plain function calling ``function``, marked as SEG's (a clone's deep copy of the model
+    options keeps plain functions as they are)."""
+
+    def seg_function(*args, **kwargs):
+        return function(*args, **kwargs)
+
+    setattr(seg_function, MARKER, True)
+    return seg_function

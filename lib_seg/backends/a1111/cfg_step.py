@@ -41,7 +41,7 @@ from torch import nn
 from ...guidance import BRANCH_UNCOND, smoothed_source
 from ...memory import free_cached_memory, is_out_of_memory
 from ...schedule import is_active_step
-from .batch_rows import CallRecord, concat_rows, gather_call, insert_rows, select_rows
+from ..batch_rows import CallRecord, concat_rows, gather_call, insert_rows, select_rows
 from .patch import QueryBlurPatch
 from .prefix import PrefixSharing
 

@@ -21,26 +21,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ...layers import unet_blocks
-from .batch_rows import select_rows
+from ...layers import blocks_before
+from ..batch_rows import select_rows
 
 _PLAIN_FORWARDS = ("UNetModel.forward", "create_unet_forward.<locals>.UNetModel_forward")
-
-
-def _first_patched_position(blocks: list[nn.Module], patched: Sequence[nn.Module]) -> int:
-    patched_ids = {id(module) for module in patched}
-    for position, block in enumerate(blocks):
-        if any(id(module) in patched_ids for module in block.modules()):
-            return position
-    return len(blocks)
-
-
-def execution_order(unet: nn.Module) -> list[nn.Module]:
-    """Input blocks, the middle block, output blocks: the order an ldm/sgm UNet runs them."""
-    by_side = {"input": [], "middle": [], "output": []}
-    for side, _, _, block in unet_blocks(unet):
-        by_side[side].append(block)
-    return by_side["input"] + by_side["middle"] + by_side["output"]
 
 
 def why_not_shareable(unet: nn.Module) -> str | None:
@@ -74,8 +58,7 @@ class PrefixSharing:
 
     def __init__(self, unet: nn.Module, patched_modules: Sequence[nn.Module]):
         self.unet = unet
-        order = execution_order(unet)
-        self.blocks = order[: _first_patched_position(order, patched_modules)]
+        self.blocks = [block for _, _, block in blocks_before(unet, patched_modules)]
         self.reason = why_not_shareable(unet)
         if self.reason is None and not self.blocks:
             self.reason = "the first block is already smoothed"
