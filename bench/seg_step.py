@@ -76,12 +76,25 @@ def _reset_peak(device):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         return torch.cuda.memory_allocated()
+    _release_free_memory()
     try:  # reset the process's peak RSS to its current RSS (Linux)
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
     except OSError:
         pass
     return _rss("VmRSS")
+
+
+def _release_free_memory():
+    """Hand memory freed by earlier steps back to the OS (glibc), so that each measurement's peak
+    RSS counts what its own step allocates, not what an earlier step left in the heap."""
+    import contextlib
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _peak(device, base):

@@ -285,6 +285,9 @@ class SharedBatch:
         with sharing as shared:
             out = apply_model(append_rows(x, rows, batch), append_rows(timestep, rows, batch), **enlarged)
         plan.paths.add(PATH_SHARED_PREFIX if shared else PATH_ONE_CALL)
+        if prefix is not None and not shared and prefix.reason is None:
+            why = prefix.why_not(options) or "a call inside another"
+            self._note_once(f"no UNet blocks shared with the smoothed rows: {why}")
         return out
 
     def _own_calls(self, plan, apply_model, x, timestep, c, kinds, sources) -> list[torch.Tensor]:
