@@ -18,8 +18,9 @@ if not log.handlers and not logging.getLogger().handlers:  # the webui may not c
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     log.addHandler(handler)
-    log.setLevel(logging.INFO)
     log.propagate = False  # the webui may configure the root logger later: no double lines
+if log.level == logging.NOTSET:  # reForge sets the root logger to WARNING: keep SEG's info lines
+    log.setLevel(logging.INFO)
 
 SETTINGS_SECTION = ("seg", TITLE)
 DEFAULT_SETTINGS = {"scale": "seg_default_scale", "sigma": "seg_default_sigma",

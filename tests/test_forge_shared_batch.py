@@ -406,3 +406,20 @@ def test_marked_functions_survive_the_patchers_deep_copy():
 
     function = _marked(lambda: 1)
     assert copy.deepcopy({"f": function})["f"] is function and hasattr(function, MARKER)
+
+
+def test_the_path_log_reaches_a_webui_whose_root_logger_says_warning(monkeypatch, capsys):
+    """reForge configures the root logger (handlers, level WARNING): SEG's info lines, the path
+    log included, still reach its handlers."""
+    seg_log = logging.getLogger("sd_webui_seg")
+    root = logging.getLogger()
+    handler = logging.StreamHandler(sys.stdout)
+    monkeypatch.setattr(root, "handlers", [handler])
+    monkeypatch.setattr(root, "level", logging.WARNING)
+    monkeypatch.setattr(seg_log, "handlers", [])
+    monkeypatch.setattr(seg_log, "level", logging.NOTSET)
+    monkeypatch.setattr(seg_log, "propagate", True)
+    webui = sw.install(monkeypatch)
+    sw.load_script(webui)
+    seg_log.info("SEG: 1 guided evaluations (one-call: 1)")
+    assert "guided evaluations (one-call: 1)" in capsys.readouterr().out
