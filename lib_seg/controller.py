@@ -223,8 +223,11 @@ class SEGController:
                 keys = patch_keys(target.names)
                 smoothing = Attn1Smoothing(keys, sigma, webui.attention)
                 if self.one_call:
-                    prefix = (ForgePrefixSharing(unet, target.attn1_modules, webui.unet_forward)
-                              if self.share_prefix else None)  # fmt: skip
+                    # reForge and Forge Classic (no unet_forward) run each block's layers directly
+                    shareable = self.share_prefix and webui.unet_forward is not None
+                    prefix = None
+                    if shareable:
+                        prefix = ForgePrefixSharing(unet, target.attn1_modules, webui.unet_forward)
                     batched = SharedBatch(sigma, keys, webui.attention, webui.fits, prefix)
                     if prefix is not None and prefix.reason is not None:
                         log.info("SEG: no UNet blocks shared with the smoothed rows: %s", prefix.reason)
