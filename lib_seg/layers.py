@@ -3,9 +3,11 @@
 Syntax (case-insensitive, items separated by commas or semicolons):
 ``middle`` · ``input`` / ``output`` (every block of that side) · ``input 7`` · ``input 4-8`` ·
 ``output 0-2 5`` · ``all``. Aliases: ``mid``; ``in``/``down``; ``out``/``up``.
-Diffusion transformers (``transformers.py``) name their blocks the same way: ``double 7-9`` and
-``single 0-37`` (Flux, Chroma), ``joint 5-12`` (SD3.5). On a transformer ``middle`` stands for
-that family's default blocks; ``all`` is every block of whatever model is loaded.
+Diffusion transformers (``transformers/``) name their blocks the same way: ``double 7-9`` and
+``single 0-37`` (Flux, Chroma, Flux.2), ``joint 5-12`` (SD3.5), ``block 10-12`` (the one block list of
+Qwen-Image, Z-Image, Lumina-2, Wan, Anima and the other single-list transformers). On a transformer
+``middle`` stands for that family's default blocks; ``all`` is every block of whatever model is
+loaded.
 
 SD1/SD2 (``ldm``) and SDXL (``sgm``) UNets share the ``input_blocks`` / ``middle_block`` /
 ``output_blocks`` naming, so one resolver serves both.
@@ -19,15 +21,16 @@ from dataclasses import dataclass
 from torch import nn
 
 INPUT, MIDDLE, OUTPUT = "input", "middle", "output"
-DOUBLE, SINGLE, JOINT = "double", "single", "joint"
+DOUBLE, SINGLE, JOINT, BLOCK = "double", "single", "joint", "block"
 _SIDE_ORDER = (INPUT, MIDDLE, OUTPUT)
-INDEXED_SIDES = (INPUT, OUTPUT, DOUBLE, SINGLE, JOINT)
-TRANSFORMER_SIDES = (DOUBLE, SINGLE, JOINT)
+INDEXED_SIDES = (INPUT, OUTPUT, DOUBLE, SINGLE, JOINT, BLOCK)
+TRANSFORMER_SIDES = (DOUBLE, SINGLE, JOINT, BLOCK)
 _ALIASES = {
     "input": INPUT, "in": INPUT, "down": INPUT,
     "middle": MIDDLE, "mid": MIDDLE,
     "output": OUTPUT, "out": OUTPUT, "up": OUTPUT,
     "double": DOUBLE, "single": SINGLE, "joint": JOINT,
+    "block": BLOCK, "blocks": BLOCK, "layer": BLOCK, "layers": BLOCK,
 }  # fmt: skip
 _RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
 MAX_BLOCK_INDEX = 99
@@ -43,6 +46,7 @@ class LayerSelection:
     double: frozenset[int] | None = frozenset()
     single: frozenset[int] | None = frozenset()
     joint: frozenset[int] | None = frozenset()
+    block: frozenset[int] | None = frozenset()
 
     def indices(self, side: str) -> frozenset[int] | None:
         """The chosen block indices of an indexed side (``None``: every block)."""
@@ -107,7 +111,7 @@ def parse_layers(text: str) -> LayerSelection:
         side = _ALIASES.get(words[0])
         if side is None:
             raise ValueError(f"unknown block {words[0]!r} in {item!r} (use input, middle, output; "
-                             "double, single, joint on transformers)")  # fmt: skip
+                             "double, single, joint, block on transformers)")  # fmt: skip
         if side == MIDDLE:
             if words[1:] not in ([], ["0"]):
                 raise ValueError(f"the middle block takes no index: {item!r}")

@@ -59,19 +59,28 @@ EVALUATOR_MODULE = "backend.sampling.sampling_function"
 EVALUATOR = "calc_cond_uncond_batch"  # what SEG's smoothed evaluation calls there
 
 
-def attention_function(q, k, v, heads, mask=None, skip_reshape=False):
-    """backend.attention.attention_function's signature: (B, N, heads*d) in and out, or with
-    ``skip_reshape`` (Flux) q, k, v already (B, heads, N, d)."""
+def attention_function(q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False,
+                       skip_output_reshape=False, **kwargs):  # fmt: skip
+    """backend.attention.attention_function's signature (Forge and Forge Neo's
+    ``attention_pytorch``): q, k, v (B, N, heads*d), or with ``skip_reshape`` already
+    (B, heads, N, d); a boolean or additive ``mask`` broadcast to (B, heads, Nq, Nk); output
+    (B, N, heads*d), or (B, heads, N, d) with ``skip_output_reshape``. Neo passes
+    ``transformer_options`` too, which the kernel ignores."""
     if skip_reshape:
-        b, _, n, d = q.shape
-        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, heads * d)
-    b, n, c = q.shape
-
-    def split(t):
-        return t.view(b, -1, heads, c // heads).transpose(1, 2)
-
-    out = F.scaled_dot_product_attention(split(q), split(k), split(v))
-    return out.transpose(1, 2).reshape(b, n, c)
+        b, _, _, d = q.shape
+    else:
+        b, _, c = q.shape
+        d = c // heads
+        q, k, v = (t.view(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
+    if mask is not None:
+        if mask.ndim == 2:
+            mask = mask.unsqueeze(0)
+        if mask.ndim == 3:
+            mask = mask.unsqueeze(1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if skip_output_reshape:
+        return out
+    return out.transpose(1, 2).reshape(b, -1, heads * d)
 
 
 @contextlib.contextmanager
@@ -139,20 +148,21 @@ class KModel:
         sigma = t
         c_in = 1 / (sigma**2 + 1) ** 0.5
         net = self.diffusion_model
+        per_row = (-1,) + (1,) * (x.dim() - 1)  # images (B, C, H, W) and videos (B, C, T, H, W)
+        c_in, sigma_rows = c_in.view(per_row), sigma.view(per_row)
         options = transformer_options if transformer_options is not None else {}
         extra = self.extra_options() if callable(self.extra_options) else (self.extra_options or {})
         if not hasattr(net, "input_blocks"):  # a diffusion transformer: no attn1 blocks to patch
-            eps = net(x * c_in[:, None, None, None], t / 1000, context=c_crossattn,
-                      transformer_options=options, **kwargs)  # fmt: skip
-            return x - eps * sigma[:, None, None, None]
+            eps = net(x * c_in, t / 1000, context=c_crossattn, transformer_options=options, **kwargs)
+            return x - eps * sigma_rows
         steps = (sigma * 100).round()
         with forge_attention(net, options, x.shape, extra):
             if type(net).__name__ == "IntegratedUNet2DConditionModel":
-                eps = net(x * c_in[:, None, None, None], steps, context=c_crossattn, control=control,
+                eps = net(x * c_in, steps, context=c_crossattn, control=control,
                           transformer_options=options, **kwargs)  # fmt: skip
             else:
-                eps = net(x * c_in[:, None, None, None], steps, context=c_crossattn)
-        return x - eps * sigma[:, None, None, None]
+                eps = net(x * c_in, steps, context=c_crossattn)
+        return x - eps * sigma_rows
 
 
 def as_kmodel(model):

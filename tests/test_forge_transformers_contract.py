@@ -204,12 +204,12 @@ def test_a_failure_in_the_smoothed_pass_leaves_a_normal_image_and_no_patch(webui
     kernel = flux.attention_function
     off, _ = generate(webui, [False], "flux")
 
-    def broken_grid(self, module, latent_height, latent_width):
-        return (9, 9)  # a grid the attention cannot hold
+    def broken_layout(self, module, args, kwargs):
+        return transformers.CallLayout(1, 9, 9, before=5)  # a grid the attention cannot hold
 
     from lib_seg import transformers
 
-    monkeypatch.setattr(transformers.Family, "grid", broken_grid)
+    monkeypatch.setattr(transformers.flux.FluxFamily, "layout", broken_layout)
     out, p = generate(webui, on(), "flux")
     assert "cannot hold" in p.extra_generation_params["SEG warning"]
     assert torch.equal(out, off)

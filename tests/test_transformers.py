@@ -6,6 +6,7 @@ import math
 import pytest
 import standin_forge_transformers as st
 import torch
+from torch import nn
 from unets import sd1_unet
 
 from lib_seg import blur_queries, parse_layers, transformers
@@ -186,9 +187,15 @@ def test_families_grids_and_defaults(modules):
     assert transformers.family_of(chroma) is transformers.CHROMA
     assert transformers.family_of(sd3) is transformers.SD3
     assert transformers.family_of(sd1_unet(model_channels=32, context_dim=16)) is None
-    assert transformers.FLUX.grid(flux, 7, 9) == (4, 5)
-    assert transformers.FLUX.grid(flux, 128, 96) == (64, 48)
-    assert transformers.SD3.grid(sd3, 6, 10) == (3, 5)
+    context = torch.zeros(1, 5, st.CONTEXT_DIM)
+
+    def grid(family, model, height, width):
+        layout = family.layout(model, (torch.zeros(1, 4, height, width),), {"context": context})
+        return layout.frames, layout.height, layout.width, layout.before
+
+    assert grid(transformers.FLUX, flux, 7, 9) == (1, 4, 5, 5)
+    assert grid(transformers.FLUX, flux, 128, 96) == (1, 64, 48, 5)
+    assert grid(transformers.SD3, sd3, 6, 10) == (1, 3, 5, 5 + sd3.register_length)
 
     def names(model, text):
         chosen, missing = transformers.resolve_blocks(
@@ -213,10 +220,10 @@ def test_families_grids_and_defaults(modules):
 def test_an_attention_without_room_for_the_grid_is_refused(modules):
     model = st.build(modules, "flux")
     smoothing, _ = smoothing_for(model, "middle", 1.0)
-    smoothing.grid, smoothing.text_tokens = (4, 4), 5
+    smoothing.layout = transformers.CallLayout(1, 4, 4, before=5)
     with pytest.raises(ValueError, match="4x4 image grid"):
         smoothing.blur_image_queries(torch.zeros(1, 2, 20, 8))
-    smoothing.grid = None
+    smoothing.layout = None
     with pytest.raises(RuntimeError):
         smoothing.blur_image_queries(torch.zeros(1, 2, 21, 8))
 
@@ -226,5 +233,5 @@ def test_a_kernel_forge_does_not_have_is_a_lookup_error(modules, monkeypatch):
     monkeypatch.delattr(modules["flux"], "attention")
     with pytest.raises(LookupError, match="attention"):
         forge.transformer_kernels("Flux", [model.double_blocks[0]])
-    with pytest.raises(LookupError):
-        forge.transformer_kernels("Hunyuan", [model.double_blocks[0]])
+    with pytest.raises(LookupError, match="attention_function"):  # no Neo-style kernel in Flux's module
+        forge.transformer_kernels("Hunyuan", [nn.Linear(1, 1)])

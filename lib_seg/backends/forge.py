@@ -31,9 +31,12 @@ NAME = "forge"
 PACKAGE = "backend"  # the top-level package its patcher classes live in
 
 # Per transformer family: the names to follow from a block's module to its kernel slot. Every
-# name but the last is a function whose own module globals hold the next name.
+# name but the last is a function whose own module globals hold the next name. Forge Neo's
+# families import ``attention_function`` from ``backend.attention`` into their own module and
+# call it from there: that default needs no entry.
 KERNEL_PATHS = {"Flux": ("attention", "attention_function"), "Chroma": ("attention", "attention_function"),
                 "SD3": ("attention",)}  # fmt: skip
+DEFAULT_KERNEL_PATH = ("attention_function",)
 
 
 def entry_points():
@@ -53,10 +56,9 @@ def entry_points():
 
 
 def transformer_kernels(family_name: str, blocks: Sequence[nn.Module]) -> list[KernelSlot]:
-    """The kernel slots the chosen blocks call; LookupError when Forge's layout is not there."""
-    path = KERNEL_PATHS.get(family_name)
-    if path is None:
-        raise LookupError(f"no known attention kernel for {family_name} models")
+    """The kernel slots the chosen blocks (or the self-attention modules inside them) call;
+    LookupError when Forge's layout is not there."""
+    path = KERNEL_PATHS.get(family_name, DEFAULT_KERNEL_PATH)
     slots = []
     for block in blocks:
         module = sys.modules.get(type(block).__module__)

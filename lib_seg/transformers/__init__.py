@@ -1,0 +1,44 @@
+"""SEG on diffusion transformers: one small module per family (its block lists, token order,
+grid and default blocks: pure facts, no webui imports), the block resolver and the query blur
+inside one smoothed evaluation. ``docs/transformers.md`` has the method and its reasons.
+
+Adding a family: write ``<family>.py`` with a ``Family`` subclass instance and put it in
+``FAMILIES`` below (more specific families first: the first whose ``matches`` is true wins). The
+webui's kernel for it is found by that webui's backend (``backends/forge.py``)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .blocks import block_lists, default_at_depth, describe_blocks, resolve_blocks
+from .chroma import CHROMA
+from .family import CallLayout, Family
+from .flux import FLUX
+from .sd3 import SD3
+from .smoothing import KernelSlot, TransformerSmoothing
+
+FAMILIES: tuple[Family, ...] = (SD3, CHROMA, FLUX)
+
+
+def family_of(model: object) -> Family | None:
+    """The family of a diffusion model, or None (not a transformer SEG knows)."""
+    if not isinstance(model, nn.Module):
+        return None
+    return next((family for family in FAMILIES if family.matches(model)), None)
+
+
+__all__ = [
+    "CHROMA",
+    "FAMILIES",
+    "FLUX",
+    "SD3",
+    "CallLayout",
+    "Family",
+    "KernelSlot",
+    "TransformerSmoothing",
+    "block_lists",
+    "default_at_depth",
+    "describe_blocks",
+    "family_of",
+    "resolve_blocks",
+]

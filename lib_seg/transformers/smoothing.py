@@ -1,0 +1,133 @@
+"""The query blur inside one smoothed evaluation of a diffusion transformer.
+
+Smoothed self-attention blurs the **image tokens' queries** over the image token grid right
+before the attention kernel, i.e. after the QK-norm and after RoPE: the logits are
+``q_rope · k_rope``, and Prop. 3.1 (blurring the logits along the query axis = blurring the
+queries) holds for what is multiplied. Text queries, tokens after the image (reference images,
+padding), keys and values are untouched. A video's frames are blurred each over its own grid.
+The webui's kernels are handed in as ``KernelSlot`` s (``backends/forge.py`` finds them)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, MutableMapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..blur import blur_queries, is_identity_sigma
+from .family import CallLayout, Family
+
+
+@dataclass(frozen=True)
+class KernelSlot:
+    """A name in a module namespace that the chosen blocks call as their attention kernel, with
+    the queries as first argument and the token axis second to last."""
+
+    namespace: MutableMapping[str, object]
+    name: str
+
+
+class TransformerSmoothing:
+    """Blurs the image-token queries of the chosen blocks during one model evaluation.
+
+    Nothing is in place outside ``applied()``: the webui's own cond/uncond evaluation never meets
+    a hook or a replaced kernel. Inside it, a forward pre-hook on the diffusion model reads the
+    call's token layout, hooks on the chosen blocks' self-attention scopes mark when their
+    attention runs, and each kernel slot holds a wrapper that blurs the queries of those calls
+    only. Everything is put back on exit, also after an exception or an interrupt."""
+
+    def __init__(self, model: nn.Module, family: Family, blocks: list[nn.Module], slots: list[KernelSlot],
+                 sigma: float):  # fmt: skip
+        self.model = model
+        self.family = family
+        self.blocks = blocks
+        self.scopes = [scope for block in blocks for scope in family.attention_scopes(block)]
+        self.slots = _unique(slots)
+        self.sigma = float(sigma)
+        self.layout: CallLayout | None = None
+        self._inside = 0
+        self.blurred_calls = 0
+
+    def evaluate(self, evaluate: Callable, args: dict, conds) -> torch.Tensor:
+        """The smoothed prediction for ``conds`` through the webui's batch evaluator."""
+        with self.applied():
+            options = args["model_options"]
+            return evaluate(args["model"], conds, None, args["input"], args["sigma"], options)[0]
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[None]:
+        handles = []
+        originals: list[tuple[KernelSlot, object]] = []
+        try:
+            handles.append(self.model.register_forward_pre_hook(self._read_call, with_kwargs=True))
+            for scope in self.scopes:
+                handles.append(scope.register_forward_pre_hook(self._enter))
+                handles.append(scope.register_forward_hook(self._leave))
+            for slot in self.slots:
+                original = slot.namespace[slot.name]
+                originals.append((slot, original))
+                slot.namespace[slot.name] = self._wrap(original)
+            yield
+        finally:
+            for slot, original in reversed(originals):
+                slot.namespace[slot.name] = original
+            for handle in handles:
+                handle.remove()
+            self._inside = 0
+            self.layout = None
+
+    # -- hooks ---------------------------------------------------------------------------------
+    def _read_call(self, module, args, kwargs):
+        self.layout = self.family.layout(module, args, kwargs)
+
+    def _enter(self, module, args):
+        self._inside += 1
+
+    def _leave(self, module, args, output):
+        self._inside -= 1
+
+    def _wrap(self, kernel: Callable) -> Callable:
+        def smoothed_kernel(q, *args, **kwargs):
+            if self._inside > 0:
+                q = self.blur_image_queries(q)
+            return kernel(q, *args, **kwargs)
+
+        return smoothed_kernel
+
+    def blur_image_queries(self, q: torch.Tensor) -> torch.Tensor:
+        """``q`` (..., tokens, channels) with its image tokens blurred, each frame over its grid."""
+        layout = self.layout
+        if layout is None:
+            raise RuntimeError("a smoothed block ran outside a call of its diffusion model")
+        tokens = q.shape[-2]
+        image = layout.image_tokens
+        start = self.family.image_start(layout, tokens)
+        if start < 0 or start + image > tokens:
+            raise ValueError(f"an attention over {tokens} tokens cannot hold {layout.before} text "
+                             f"tokens and a {_grid_words(layout)} image grid")  # fmt: skip
+        self.blurred_calls += 1
+        if is_identity_sigma(self.sigma):
+            return q
+        span = q[..., start : start + image, :]
+        frames = span.reshape(*span.shape[:-2], layout.frames, layout.height * layout.width, span.shape[-1])
+        blurred = blur_queries(frames, layout.height, layout.width, self.sigma).reshape(span.shape)
+        if tokens == image:
+            return blurred
+        return torch.cat((q[..., :start, :], blurred, q[..., start + image :, :]), dim=-2)
+
+
+def _grid_words(layout: CallLayout) -> str:
+    grid = f"{layout.height}x{layout.width}"
+    return grid if layout.frames == 1 else f"{layout.frames}x{grid}"
+
+
+def _unique(slots: list[KernelSlot]) -> list[KernelSlot]:
+    seen, unique = set(), []
+    for slot in slots:
+        key = (id(slot.namespace), slot.name)
+        if key not in seen:
+            seen.add(key)
+            unique.append(slot)
+    return unique
