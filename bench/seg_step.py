@@ -45,10 +45,13 @@ STEP_KINDS = ("cfg", "off-schedule", *PATHS)
 
 
 class _Patcher:
-    """The two monkeypatch methods the stand-in installer uses, without pytest."""
+    """The monkeypatch methods the stand-in installers use, without pytest."""
 
     def setitem(self, mapping, key, value):
         mapping[key] = value
+
+    def setattr(self, target, name, value, raising=True):
+        setattr(target, name, value)
 
     def syspath_prepend(self, path):
         sys.path.insert(0, path)

@@ -3,13 +3,15 @@ real Forge code path.
 
 Drives ``scripts/sd_webui_seg.py`` with the Forge stand-in (``tests/standin_forge.py``: Forge's
 UnetPatcher, batch evaluator and post-CFG order) on the test transformers laid out as Forge's
-(``tests/forge_nn``), built at a Flux-like or SD3.5-like shape (block counts of the real models,
-a narrower width so a CPU step takes seconds), random weights. Prints per configuration, in one
+(``tests/forge_nn``) or Forge Neo's (``tests/neo_nn``: Qwen-Image, Lumina-2 / Z-Image, Wan, …),
+built at the real model's block count and a narrower width (``SHAPES`` here, each Neo test
+module's ``BENCH_SHAPE``) so a CPU step takes seconds, random weights. Prints per configuration, in one
 run: the step time without SEG, with SEG, their ratio, and the peak memory of each, at CFG 1 (no
 negative pass, Flux-dev's usual setting) and at CFG > 1.
 
     python bench/transformer_step.py                          # Flux-like, 512x512, CFG 1 and 3.5
     python bench/transformer_step.py --family sd3 --layers "joint 7-9" --json out.json
+    python bench/transformer_step.py --family qwen          # a Forge Neo family (tests/neo_nn/qwen.py)
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ sys.path[:0] = [HERE, os.path.dirname(HERE), os.path.join(os.path.dirname(HERE),
 
 import standin_forge as sf  # noqa: E402
 import standin_forge_transformers as st  # noqa: E402
+import standin_neo_transformers as neo  # noqa: E402
 import standin_webui as sw  # noqa: E402
 from seg_step import _Patcher, _peak, _reset_peak  # noqa: E402
 
@@ -55,9 +58,14 @@ class Bench:
         self.family, self.tokens = family, tokens
         patcher = _Patcher()
         self.webui = sw.install(patcher)
-        modules = st.install(patcher)
-        st.CONTEXT_DIM = 64
-        self.model = st.build(modules, family, **SHAPES[family])
+        if family in SHAPES:
+            modules = st.install(patcher)
+            st.CONTEXT_DIM = 64
+            self.model = st.build(modules, family, **SHAPES[family])
+            self.neo = None
+        else:
+            self.neo = neo.install(patcher, names=(family,))[family]
+            self.model = self.neo.build(**self.neo.BENCH_SHAPE)
         self.webui.shared.sd_model = sf.forge_model(self.model)
         self.webui.shared.sd_model.is_sd1 = False
         module = sw.load_script(self.webui)
@@ -66,9 +74,16 @@ class Bench:
 
     def step(self, args, batch, size, cfg, repeats):
         """Median time of one Forge sampling step (after one warm-up) and its peak memory."""
-        cond = st.conds(batch, self.family, tokens=self.tokens)
-        neg = st.conds(batch, self.family, tokens=self.tokens, seed=9)
-        x = torch.randn(batch, 4, size[0] // 8, size[1] // 8, generator=torch.Generator().manual_seed(0))
+        generator = torch.Generator().manual_seed(0)
+        if self.neo is None:
+            cond = st.conds(batch, self.family, tokens=self.tokens)
+            neg = st.conds(batch, self.family, tokens=self.tokens, seed=9)
+            x = torch.randn(batch, 4, size[0] // 8, size[1] // 8, generator=generator)
+        else:  # the family's own VAE downscale (8 unless its test module says otherwise)
+            scale = getattr(self.neo, "VAE_SCALE", 8)
+            cond = self.neo.conds(batch, tokens=self.tokens)
+            neg = self.neo.conds(batch, tokens=self.tokens, seed=9)
+            x = self.neo.latent(batch, size[0] // scale, size[1] // scale, generator)
         sigma = torch.full((batch,), 3.0)
         p = sw.Processing()
         self.script.process(p, *args)
@@ -94,7 +109,7 @@ class Bench:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", choices=sorted(SHAPES), default="flux")
+    parser.add_argument("--family", choices=sorted(SHAPES) + list(neo.NAMES), default="flux")
     parser.add_argument("--batches", type=int, nargs="+", default=[1])
     parser.add_argument("--sizes", nargs="+", default=["512x512"], help="HEIGHTxWIDTH in pixels")
     parser.add_argument("--cfgs", type=float, nargs="+", default=[1.0, 3.5])

@@ -63,7 +63,8 @@ def find_unet(sd_model) -> nn.Module | None:
 
 
 def find_transformer(sd_model) -> tuple[transformers.Family, nn.Module] | None:
-    """A Forge-family model's diffusion transformer (Flux, Chroma, SD3.5) and its family, or None."""
+    """A Forge-family model's diffusion transformer (``transformers.FAMILIES``) and its family, or
+    None."""
     patcher = unet_patcher_of(sd_model)
     model = getattr(getattr(patcher, "model", None), "diffusion_model", None)
     family = transformers.family_of(model)
@@ -175,8 +176,10 @@ class SEGController:
             return Target([name for name, _ in matched], unet=unet, attn1_modules=[m for _, m in matched])
         transformer = find_transformer(sd_model)
         if transformer is None:
-            self.report(p, run, "SEG: this model has no SD1/SD2/SDXL UNet self-attention nor a Flux, "
-                        "Chroma or SD3.5 transformer (Forge) to smooth; generated without SEG")  # fmt: skip
+            known = ", ".join(family.name for family in transformers.FAMILIES)
+            self.report(p, run, "SEG: this model has no SD1/SD2/SDXL UNet self-attention nor a "
+                        f"transformer SEG knows ({known}; Forge and Forge Neo) to smooth; generated "
+                        "without SEG")  # fmt: skip
             return None
         family, model = transformer
         backend = patcher_backend_of(unet_patcher_of(sd_model))
@@ -233,7 +236,11 @@ class SEGController:
                         log.info("SEG: no UNet blocks shared with the smoothed rows: %s", prefix.reason)
             else:
                 try:
-                    slots = backend.transformer_kernels(target.family.name, target.blocks)
+                    # the kernel the self-attention modules call (Nunchaku's swapped-in attention
+                    # classes call their own module's kernel, not the block's)
+                    family = target.family
+                    scopes = [scope for block in target.blocks for scope in family.attention_scopes(block)]
+                    slots = backend.transformer_kernels(target.family.name, scopes)
                 except LookupError as error:
                     self.report(p, run, f"SEG: {error}; generated without SEG")
                     return

@@ -51,9 +51,10 @@ CONTROLS = (
             advanced=True, choices=("uncond", "cond")),
     Control("layers", "textbox", "Blocks",
             "Which blocks get smoothed self-attention. UNets (SD1/SD2/SDXL): middle (default, as the "
-            "paper), input 7-8, output 0-2, input, output or all. Transformers on Forge: double 7-9, "
-            "single 0-37 (Flux, Chroma), joint 5-12 (SD3.5), all; there middle means the family's "
-            "default (double 7-9 / joint 7-9). Separate with commas.", advanced=True),
+            "paper), input 7-8, output 0-2, input, output or all. Transformers on Forge and Forge Neo: "
+            "double 7-9, single 0-37 (Flux, Chroma, Flux.2), joint 5-12 (SD3.5), block 10-12 (Qwen-Image, "
+            "Z-Image, Lumina-2, Wan and the other one-list models), all; there middle means the "
+            "model's default blocks. Separate with commas.", advanced=True),
     Control("start", "slider", "Start (fraction of steps)",
             "SEG is active on step i of n when start ≤ i/n < end.", advanced=True,
             minimum=0.0, maximum=1.0, step=0.01),

@@ -7,7 +7,8 @@ Each ``tests/neo_nn`` module offers the same test surface:
 
 - ``FAMILY``: the ``lib_seg.transformers`` family name it is detected as;
 - ``build(seed=0, **shape)``: a small random-weight model in eval mode (``BENCH_SHAPE``: the real
-  model's block count at a reduced width, for ``bench/transformer_step.py``);
+  model's block count at a reduced width, for ``bench/transformer_step.py``, with ``VAE_SCALE``,
+  the image pixels per latent cell, where it is not 8);
 - ``latent(batch, height, width, generator)``: the latent Neo hands the model for an image of that
   latent size (a video model: a few frames);
 - ``conds(batch, tokens=5, seed=0)``: one Forge cond entry list (``cross_attn`` plus the extra

@@ -2,8 +2,10 @@
 blurred, over which grid, in which blocks, and that nothing is left behind."""
 
 import math
+import types
 
 import pytest
+import standin_forge as sf
 import standin_forge_transformers as st
 import torch
 from torch import nn
@@ -235,3 +237,19 @@ def test_a_kernel_forge_does_not_have_is_a_lookup_error(modules, monkeypatch):
         forge.transformer_kernels("Flux", [model.double_blocks[0]])
     with pytest.raises(LookupError, match="attention_function"):  # no Neo-style kernel in Flux's module
         forge.transformer_kernels("Hunyuan", [nn.Linear(1, 1)])
+
+
+def test_a_smoothed_evaluation_whose_blocks_never_reach_the_kernel_is_an_error(modules):
+    """Blocks that run as copies (offloading) or call a fused kernel: never a silent no-op."""
+    model = st.build(modules, "flux")
+    smoothing, _ = smoothing_for(model, "double 1", 2.0)
+    unused = {"attention_function": modules["flux"].attention_function}
+    smoothing.slots = [transformers.KernelSlot(unused, "attention_function")]
+    x, _, kwargs = st.model_inputs("flux", 1, latent=(6, 6))
+    entry = {"cross_attn": kwargs["context"], "y": kwargs["y"], "guidance": kwargs["guidance"],
+             "strength": 1.0}
+    args = {"model": types.SimpleNamespace(diffusion_model=model), "input": x, "sigma": torch.ones(1),
+            "model_options": {"transformer_options": {}}}  # fmt: skip
+    with pytest.raises(RuntimeError, match="never reached the kernel"):
+        smoothing.evaluate(sf.calc_cond_uncond_batch, args, [entry])
+    assert_nothing_left(model, [])

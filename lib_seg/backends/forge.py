@@ -35,6 +35,7 @@ PACKAGE = "backend"  # the top-level package its patcher classes live in
 # families import ``attention_function`` from ``backend.attention`` into their own module and
 # call it from there: that default needs no entry.
 KERNEL_PATHS = {"Flux": ("attention", "attention_function"), "Chroma": ("attention", "attention_function"),
+                "Flux.2": ("attention", "attention_function"),
                 "SD3": ("attention",)}  # fmt: skip
 DEFAULT_KERNEL_PATH = ("attention_function",)
 
@@ -55,12 +56,12 @@ def entry_points():
     return WebuiFunctions(calc_cond_uncond_batch, attention_function, fits, unet_forward=FORGE_UNET_FORWARD)
 
 
-def transformer_kernels(family_name: str, blocks: Sequence[nn.Module]) -> list[KernelSlot]:
-    """The kernel slots the chosen blocks (or the self-attention modules inside them) call;
-    LookupError when Forge's layout is not there."""
+def transformer_kernels(family_name: str, modules: Sequence[nn.Module]) -> list[KernelSlot]:
+    """The kernel slots the chosen blocks' self-attention modules (or the blocks) call, looked up
+    from each module's own class module; LookupError when Forge's layout is not there."""
     path = KERNEL_PATHS.get(family_name, DEFAULT_KERNEL_PATH)
     slots = []
-    for block in blocks:
+    for block in modules:
         module = sys.modules.get(type(block).__module__)
         namespace = vars(module) if module is not None else {}
         for name in path[:-1]:

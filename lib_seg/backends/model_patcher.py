@@ -40,6 +40,7 @@ from ..guidance import BRANCH_UNCOND, seg_term, smoothed_source
 from ..layers import INPUT, MIDDLE, OUTPUT
 from ..memory import free_cached_memory, is_out_of_memory
 from ..schedule import is_active_step
+from .compiled import eager
 from .shared_batch import PATH_SEPARATE, SharedBatch
 
 log = logging.getLogger("sd_webui_seg")
@@ -179,7 +180,8 @@ class ForgeGuidance:
             taken = self.batched.take(source) if self.batched is not None else None
             if taken is None:
                 conds = args["uncond"] if source == BRANCH_UNCOND else args["cond"]
-                smoothed, path = self.smoothing.evaluate(self.evaluate, args, conds), PATH_SEPARATE
+                with eager(args.get("model")):  # never SEG's blur inside a compiled graph
+                    smoothed, path = self.smoothing.evaluate(self.evaluate, args, conds), PATH_SEPARATE
             else:
                 smoothed, path = taken
             self.paths[path] += 1

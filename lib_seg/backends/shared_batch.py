@@ -40,6 +40,7 @@ from ..grid import token_grid
 from ..guidance import BRANCH_UNCOND, smoothed_source
 from ..memory import free_cached_memory, is_out_of_memory
 from .batch_rows import select_rows
+from .compiled import is_compiled
 
 log = logging.getLogger("sd_webui_seg")
 
@@ -185,6 +186,10 @@ class SharedBatch:
         if model_options.get("model_function_wrapper") is not self.wrapper:
             self._note_once("another extension wraps the model call (e.g. MultiDiffusion): the smoothed "
                             "rows are evaluated separately")  # fmt: skip
+            return
+        if is_compiled(model):
+            self._note_once("the model call is compiled (torch.compile): the smoothed rows are evaluated "
+                            "separately, uncompiled")  # fmt: skip
             return
         source = smoothed_source(branch, bool(uncond))
         entries = uncond if source == BRANCH_UNCOND else cond

@@ -10,14 +10,22 @@ from __future__ import annotations
 
 from torch import nn
 
+from .anima import ANIMA
 from .blocks import block_lists, default_at_depth, describe_blocks, resolve_blocks
 from .chroma import CHROMA
+from .ernie import ERNIE_IMAGE
 from .family import CallLayout, Family
 from .flux import FLUX
+from .flux2 import FLUX2
+from .krea import KREA2
+from .lumina import LUMINA2, Z_IMAGE
+from .qwen_image import QWEN_IMAGE
 from .sd3 import SD3
 from .smoothing import KernelSlot, TransformerSmoothing
+from .wan import WAN
 
-FAMILIES: tuple[Family, ...] = (SD3, CHROMA, FLUX)
+FAMILIES: tuple[Family, ...] = (SD3, CHROMA, FLUX2, FLUX, KREA2, QWEN_IMAGE, Z_IMAGE, LUMINA2,
+                                 WAN, ANIMA, ERNIE_IMAGE)  # fmt: skip
 
 
 def family_of(model: object) -> Family | None:
@@ -28,10 +36,18 @@ def family_of(model: object) -> Family | None:
 
 
 __all__ = [
+    "ANIMA",
     "CHROMA",
+    "ERNIE_IMAGE",
     "FAMILIES",
     "FLUX",
+    "FLUX2",
+    "KREA2",
+    "LUMINA2",
+    "QWEN_IMAGE",
     "SD3",
+    "WAN",
+    "Z_IMAGE",
     "CallLayout",
     "Family",
     "KernelSlot",

@@ -52,9 +52,15 @@ class TransformerSmoothing:
 
     def evaluate(self, evaluate: Callable, args: dict, conds) -> torch.Tensor:
         """The smoothed prediction for ``conds`` through the webui's batch evaluator."""
+        blurred_before = self.blurred_calls
         with self.applied():
             options = args["model_options"]
-            return evaluate(args["model"], conds, None, args["input"], args["sigma"], options)[0]
+            smoothed = evaluate(args["model"], conds, None, args["input"], args["sigma"], options)[0]
+        if self.blurred_calls == blurred_before:  # e.g. blocks run as copies (offloading) or fused
+            raise RuntimeError(f"the chosen blocks' attention never reached the kernel SEG wraps (this "
+                               f"{self.family.name} model runs its blocks or attention another "
+                               "way)")  # fmt: skip
+        return smoothed
 
     @contextlib.contextmanager
     def applied(self) -> Iterator[None]:
