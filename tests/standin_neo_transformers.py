@@ -5,6 +5,9 @@ models written for these tests in Neo's module layout) loaded under Neo's module
 
 Each ``tests/neo_nn`` module offers the same test surface:
 
+Neo's own ``backend/nn/flux.py`` is there too (the Forge test Flux, ``tests/forge_nn/flux.py``):
+Neo's Krea-2 and Flux.2 code import its RoPE and embeddings, and the test models do the same.
+
 - ``FAMILY``: the ``lib_seg.transformers`` family name it is detected as;
 - ``build(seed=0, **shape)``: a small random-weight model in eval mode (``BENCH_SHAPE``: the real
   model's block count at a reduced width, for ``bench/transformer_step.py``, with ``VAE_SCALE``,
@@ -27,6 +30,7 @@ from pathlib import Path
 import standin_forge as sf
 
 HERE = Path(__file__).parent / "neo_nn"
+FORGE_NN = Path(__file__).parent / "forge_nn"
 NAMES = tuple(sorted(path.stem for path in HERE.glob("*.py") if not path.stem.startswith("_")))
 
 
@@ -38,12 +42,15 @@ def install(monkeypatch, names=NAMES):
         package = types.ModuleType("backend.nn")
         package.__path__ = []
         monkeypatch.setitem(sys.modules, "backend.nn", package)
-    loaded = {}
-    for name in names:
-        spec = importlib.util.spec_from_file_location(f"backend.nn.{name}", HERE / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        monkeypatch.setitem(sys.modules, spec.name, module)
-        spec.loader.exec_module(module)
-        monkeypatch.setattr(package, name, module, raising=False)
-        loaded[name] = module
-    return loaded
+    if "backend.nn.flux" not in sys.modules:  # Neo's families import Flux's RoPE and embeddings
+        _load(monkeypatch, package, "flux", FORGE_NN / "flux.py")
+    return {name: _load(monkeypatch, package, name, HERE / f"{name}.py") for name in names}
+
+
+def _load(monkeypatch, package, name, path):
+    spec = importlib.util.spec_from_file_location(f"backend.nn.{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(package, name, module, raising=False)
+    return module

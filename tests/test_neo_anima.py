@@ -9,6 +9,7 @@ import standin_forge_transformers as st
 import standin_neo_transformers as neo
 import torch
 from torch import nn
+from transformer_checks import smoothing_for
 from unets import sd1_unet
 
 from lib_seg import blur_queries, parse_layers, transformers
@@ -21,15 +22,6 @@ def anima(monkeypatch):
     monkeypatch.setattr(module.dynamic_args, "ref_latents", [])
     return module
 
-
-def smoothing_for(model, layers, sigma):
-    family = transformers.family_of(model)
-    chosen, _ = transformers.resolve_blocks(model, family, parse_layers(layers))
-    blocks = [block for _, block in chosen]
-    slots = forge.transformer_kernels(family.name, blocks)
-    return transformers.TransformerSmoothing(model, family, blocks, slots, sigma), [
-        name for name, _ in chosen
-    ]
 
 
 def assert_nothing_left(model, namespace, kernel):

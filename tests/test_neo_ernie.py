@@ -10,6 +10,7 @@ import standin_forge_transformers as st
 import standin_neo_transformers as neo
 import torch
 from torch import nn
+from transformer_checks import smoothing_for
 from unets import sd1_unet
 
 from lib_seg import blur_queries, parse_layers, transformers
@@ -20,14 +21,6 @@ from lib_seg.backends import forge
 def ernie(monkeypatch):
     return neo.install(monkeypatch, names=("ernie",))["ernie"]
 
-
-def smoothing_for(model, layers, sigma):
-    family = transformers.family_of(model)
-    chosen, _ = transformers.resolve_blocks(model, family, parse_layers(layers))
-    blocks = [block for _, block in chosen]
-    slots = forge.transformer_kernels(family.name, blocks)
-    names = [name for name, _ in chosen]
-    return transformers.TransformerSmoothing(model, family, blocks, slots, sigma), names
 
 
 def assert_nothing_left(model, namespace, kernel):

@@ -199,3 +199,27 @@ def test_blocks_the_model_lacks_are_named_and_none_means_no_seg(webui, name):
     unguided, p = generate(webui, module, on(layers="input 4-5"))
     assert f"match no block of this {family.name} model" in p.extra_generation_params["SEG warning"]
     assert torch.equal(unguided, off)
+
+
+def test_every_family_seg_knows_has_a_test_transformer(webui):
+    """A family added to ``transformers.FAMILIES`` comes with a test model in Neo's or Forge's
+    layout (``tests/neo_nn``, ``tests/forge_nn``), which the tests above then cover."""
+    tested = {"Flux", "Chroma", "SD3"}  # tests/forge_nn
+    for module in webui.nn.values():
+        tested.add(module.FAMILY)
+        tested.update(getattr(module, "VARIANTS", {}))
+    assert {family.name for family in transformers.FAMILIES} <= tested
+
+
+def test_lumina_2_is_guided_and_off_is_bit_identical(webui):
+    """The Lumina 2 variant of the one NextDiT class (the tests above build Z-Image)."""
+    module = webui.nn["lumina"]
+    model = module.build(variant="Lumina 2")
+    webui.shared.sd_model = sf.forge_model(model)
+    webui.shared.sd_model.is_sd1 = False
+    assert transformers.family_of(model) is transformers.LUMINA2
+    off, _ = generate(webui, module, [False])
+    guided, p = generate(webui, module, on(layers="block 1-2"))
+    assert "SEG warning" not in p.extra_generation_params, p.extra_generation_params
+    assert torch.isfinite(guided).all() and not torch.allclose(guided, off)
+    assert torch.equal(generate(webui, module, [False])[0], off)

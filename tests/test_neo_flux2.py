@@ -10,6 +10,7 @@ import standin_forge as sf
 import standin_forge_transformers as st
 import standin_neo_transformers as neo
 import torch
+from transformer_checks import smoothing_for
 
 from lib_seg import blur_queries, parse_layers, transformers
 from lib_seg.backends import forge
@@ -26,15 +27,6 @@ FLUX1 = dict(in_channels=4, out_channels=4, vec_in_dim=8, axes_dim=(4, 6, 6), th
 def flux2(monkeypatch):
     return neo.install(monkeypatch, names=("flux2_model",))["flux2_model"]
 
-
-def smoothing_for(model, layers, sigma):
-    family = transformers.family_of(model)
-    chosen, _ = transformers.resolve_blocks(model, family, parse_layers(layers))
-    blocks = [block for _, block in chosen]
-    slots = forge.transformer_kernels(family.name, blocks)
-    return transformers.TransformerSmoothing(model, family, blocks, slots, sigma), [
-        name for name, _ in chosen
-    ]
 
 
 def block_names(model):

@@ -9,6 +9,7 @@ import standin_forge as sf
 import standin_forge_transformers as st
 import standin_neo_transformers as neo
 import torch
+from transformer_checks import smoothing_for
 
 from lib_seg import blur_queries, parse_layers, transformers
 from lib_seg.backends import forge
@@ -18,14 +19,6 @@ from lib_seg.backends import forge
 def krea(monkeypatch):
     return neo.install(monkeypatch, names=("krea",))["krea"]
 
-
-def smoothing_for(model, layers, sigma):
-    family = transformers.family_of(model)
-    chosen, _ = transformers.resolve_blocks(model, family, parse_layers(layers))
-    blocks = [block for _, block in chosen]
-    slots = forge.transformer_kernels(family.name, blocks)
-    smoothing = transformers.TransformerSmoothing(model, family, blocks, slots, sigma)
-    return smoothing, [name for name, _ in chosen]
 
 
 def recorded_calls(model, smoothing, run):

@@ -11,6 +11,7 @@ import standin_neo_transformers as sn
 import standin_webui as sw
 import torch
 from torch import nn
+from transformer_checks import smoothing_for
 from unets import sd1_unet
 
 from lib_seg import SEGParams, blur_queries, parse_layers, transformers
@@ -23,15 +24,6 @@ OTHERS = tuple(name for name in sn.NAMES if name != "qwen")
 def qwen(monkeypatch):
     return sn.install(monkeypatch, names=("qwen",))["qwen"]
 
-
-def smoothing_for(model, layers, sigma):
-    family = transformers.family_of(model)
-    chosen, _ = transformers.resolve_blocks(model, family, parse_layers(layers))
-    blocks = [block for _, block in chosen]
-    slots = forge.transformer_kernels(family.name, blocks)
-    return transformers.TransformerSmoothing(model, family, blocks, slots, sigma), [
-        name for name, _ in chosen
-    ]
 
 
 def names_of(model, text):

@@ -12,6 +12,7 @@ import standin_forge_transformers as st
 import standin_neo_transformers as neo
 import standin_webui as sw
 import torch
+from transformer_checks import smoothing_for
 from unets import sd1_unet
 
 from lib_seg import SEGParams, blur_queries, parse_layers, transformers
@@ -31,14 +32,6 @@ def inputs(module, batch=2, latent=(8, 8), tokens=5, seed=0):
     t = torch.rand(batch, generator=g)
     return x, t, {"context": module.conds(batch, tokens, seed)[0]["cross_attn"], "transformer_options": {}}
 
-
-def smoothing_for(model, layers, sigma):
-    family = transformers.family_of(model)
-    chosen, _ = transformers.resolve_blocks(model, family, parse_layers(layers))
-    blocks = [block for _, block in chosen]
-    slots = forge.transformer_kernels(family.name, blocks)
-    smoothing = transformers.TransformerSmoothing(model, family, blocks, slots, sigma)
-    return smoothing, [name for name, _ in chosen]
 
 
 def record(module, model, smoothing, run, monkeypatch):

@@ -9,6 +9,7 @@ import standin_forge as sf
 import standin_forge_transformers as st
 import torch
 from torch import nn
+from transformer_checks import smoothing_for
 from unets import sd1_unet
 
 from lib_seg import blur_queries, parse_layers, transformers
@@ -19,15 +20,6 @@ from lib_seg.backends import forge
 def modules(monkeypatch):
     return st.install(monkeypatch)
 
-
-def smoothing_for(model, layers, sigma):
-    family = transformers.family_of(model)
-    chosen, _ = transformers.resolve_blocks(model, family, parse_layers(layers))
-    blocks = [block for _, block in chosen]
-    slots = forge.transformer_kernels(family.name, blocks)
-    return transformers.TransformerSmoothing(model, family, blocks, slots, sigma), [
-        name for name, _ in chosen
-    ]
 
 
 def block_names(model):

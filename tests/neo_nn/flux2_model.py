@@ -16,11 +16,11 @@ from ``dynamic_args``) appended after the image tokens on RoPE index 10, 20, …
 ``global_modulation=False, patch_size=2`` is Neo's Flux.1 (per-block modulation, 2×2 patches,
 Kontext references on index 1 at an offset)."""
 
-import math
 from dataclasses import dataclass
 
 import torch
 from backend.attention import attention_function
+from backend.nn.flux import apply_rope, rope, timestep_embedding
 from torch import nn
 
 from lib_seg.transformers import CallLayout
@@ -40,30 +40,7 @@ def attention(q, k, v, pe, mask=None, transformer_options=None):
                               transformer_options=transformer_options or {})  # fmt: skip
 
 
-def rope(ids, axes_dim, theta):
-    """Rotation matrices (B, 1, tokens, d/2, 2, 2) for positions ``ids`` (B, tokens, axes)."""
-    angles = []
-    for axis, dim in enumerate(axes_dim):
-        omega = theta ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
-        angles.append(ids[..., axis : axis + 1].double() * omega)
-    angle = torch.cat(angles, dim=-1)
-    cos, sin = angle.cos(), angle.sin()
-    return torch.stack((cos, -sin, sin, cos), dim=-1).view(*angle.shape, 2, 2).unsqueeze(1).float()
 
-
-def apply_rope(q, k, pe):
-    def rotate(x):
-        pairs = x.float().reshape(*x.shape[:-1], -1, 1, 2)
-        return (pe[..., 0] * pairs[..., 0] + pe[..., 1] * pairs[..., 1]).reshape(x.shape).type_as(x)
-
-    return rotate(q), rotate(k)
-
-
-def timestep_embedding(t, dim):
-    half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
-    args = 1000.0 * t[:, None].float() * freqs[None]
-    return torch.cat((args.cos(), args.sin()), dim=-1)
 
 
 class RMSNorm(nn.Module):

@@ -12,10 +12,10 @@ padded circularly to even sides. Neo hands a ``(B, C, 1, h, w)`` latent (Wan 2.1
 model folds the frames into the batch. With ``ref_latents`` their patches follow the image tokens,
 modulated with the time embedding at t = 0, and the blocks' parts are called one by one."""
 
-import math
 
 import torch
 from backend.attention import attention_function
+from backend.nn.flux import apply_rope, rope, timestep_embedding
 from torch import nn
 
 from lib_seg.transformers import CallLayout
@@ -27,30 +27,7 @@ TXT_LAYERS, TXT_DIM = 3, 16  # stand in for Krea-2's 12 Qwen3-VL layers of 2560
 BENCH_SHAPE = dict(features=512, heads=4, kvheads=1, layers=28)
 
 
-def timestep_embedding(t, dim):
-    half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
-    args = 1000.0 * t[:, None].float() * freqs[None]
-    return torch.cat((args.cos(), args.sin()), dim=-1)
 
-
-def rope(ids, axes_dim, theta):
-    """Rotation matrices (B, 1, tokens, d/2, 2, 2) for 3-axis positions ``ids`` (B, tokens, 3)."""
-    angles = []
-    for axis, dim in enumerate(axes_dim):
-        omega = theta ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
-        angles.append(ids[..., axis : axis + 1].double() * omega)
-    angle = torch.cat(angles, dim=-1)
-    cos, sin = angle.cos(), angle.sin()
-    return torch.stack((cos, -sin, sin, cos), dim=-1).view(*angle.shape, 2, 2).unsqueeze(1).float()
-
-
-def apply_rope(q, k, freqs):
-    def rotate(x):
-        pairs = x.float().reshape(*x.shape[:-1], -1, 1, 2)
-        return (freqs[..., 0] * pairs[..., 0] + freqs[..., 1] * pairs[..., 1]).reshape(x.shape).type_as(x)
-
-    return rotate(q), rotate(k)
 
 
 def pad_to_patch_size(x, patch):
