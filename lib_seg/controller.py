@@ -190,8 +190,13 @@ class SEGController:
             self.report(p, run, f"SEG: {family.name} models are supported on Forge (backend/) only; "
                         "generated without SEG")  # fmt: skip
             return None
-        chosen, missing = transformers.resolve_blocks(model, family, params.selection)
-        has = transformers.describe_blocks(model, family)
+        try:
+            chosen, missing = transformers.resolve_blocks(model, family, params.selection)
+            has = transformers.describe_blocks(model, family)
+        except Exception as error:  # a webui release that moved the block lists: fail soft
+            self.report(p, run, f"SEG: this {family.name} model's blocks are not laid out as SEG knows "
+                        f"({error}); generated without SEG")  # fmt: skip
+            return None
         if not chosen:
             self.report(p, run, f"SEG blocks '{params.layers}' match no block of this {family.name} model "
                         f"({has}); generated without SEG")  # fmt: skip

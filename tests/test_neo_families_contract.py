@@ -223,3 +223,27 @@ def test_lumina_2_is_guided_and_off_is_bit_identical(webui):
     assert "SEG warning" not in p.extra_generation_params, p.extra_generation_params
     assert torch.isfinite(guided).all() and not torch.allclose(guided, off)
     assert torch.equal(generate(webui, module, [False])[0], off)
+
+
+def test_a_moved_layout_fails_soft_with_one_warning(webui, monkeypatch):
+    """A Neo release that renames a block list or a module SEG reads: a warning and the normal image."""
+    module = webui.nn["wan"]
+    model = load(webui, "wan")
+    off, _ = generate(webui, module, [False])
+
+    def moved(self, model):
+        raise AttributeError("'WanModel' object has no attribute 'blocks'")
+
+    monkeypatch.setattr(type(transformers.WAN), "default", moved)
+    out, p = generate(webui, module, on())
+    assert "blocks are not laid out as SEG knows" in p.extra_generation_params["SEG warning"]
+    assert torch.equal(out, off)
+
+    def broken_matches(self, model):
+        raise AttributeError("layout moved")
+
+    monkeypatch.setattr(type(transformers.WAN), "matches", broken_matches)
+    assert transformers.family_of(model) is None
+    out, p = generate(webui, module, on())
+    assert "nor a transformer SEG knows" in p.extra_generation_params["SEG warning"]
+    assert torch.equal(out, off)

@@ -32,7 +32,15 @@ def family_of(model: object) -> Family | None:
     """The family of a diffusion model, or None (not a transformer SEG knows)."""
     if not isinstance(model, nn.Module):
         return None
-    return next((family for family in FAMILIES if family.matches(model)), None)
+    return next((family for family in FAMILIES if _matches(family, model)), None)
+
+
+def _matches(family: Family, model: nn.Module) -> bool:
+    """A webui release whose layout moved never breaks detection: that family just does not match."""
+    try:
+        return bool(family.matches(model))
+    except Exception:
+        return False
 
 
 __all__ = [
