@@ -6,14 +6,17 @@ or let the tests start one (the extension is copied into its extensions/ folder)
     SEG_WEBUI_ROOT=/path/to/stable-diffusion-webui  [SEG_WEBUI_PYTHON=/path/to/venv/bin/python]
     [SEG_WEBUI_ARGS="--ckpt /path/to/model.safetensors ..."]
 The webui (A1111, or one of the Forge family: Forge with its ``backend/`` folder, reForge or Forge
-Classic with ``ldm_patched/``; all three have ``modules_forge/``) must have a (random-weight is fine)
-SD1.x checkpoint. Without these variables every test here is skipped with the reason.
+Classic with ``ldm_patched/``; all three have ``modules_forge/``; Forge Neo is a ``backend/`` webui
+told apart from lllyasviel's Forge by its flags: ``--cpu``, no ``--always-cpu``) must have a
+(random-weight is fine) SD1.x checkpoint. Without these variables every test here is skipped with
+the reason.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -33,16 +36,20 @@ COMMON_FLAGS = [
 ]  # fmt: skip
 A1111_CPU_FLAGS = ["--use-cpu", "all", "--no-half", "--precision", "full"]
 FORGE_CPU_FLAGS = ["--always-cpu", "--disable-nan-check"]
+# Forge Neo: no --always-cpu/--disable-nan-check/--no-download-sd-model (its parser refuses unknown
+# flags); --no-hashing spares hashing every checkpoint at load
+NEO_CPU_FLAGS = ["--cpu", "--no-hashing", "--skip-python-version-check"]
 
 
 FORGE, LDM_PATCHED = "forge", "ldm_patched"
 
 
 class WebUI:
-    def __init__(self, url: str, log: Path | None = None, backend: str | None = None):
-        """``backend``: None for A1111, ``"forge"`` (``backend/``) or ``"ldm_patched"`` (reForge,
-        Forge Classic); for a running server it is told from its options (Forge's own have a
-        ``forge_`` prefix, and only lllyasviel's Forge has ``forge_additional_modules``)."""
+    def __init__(self, url: str, log: Path | None = None, backend: str | None = None, neo: bool = False):
+        """``backend``: None for A1111, ``"forge"`` (``backend/``: lllyasviel's Forge and Forge Neo)
+        or ``"ldm_patched"`` (reForge, Forge Classic); ``neo``: Forge Neo. For a running server both
+        are told from its options (Forge's own have a ``forge_`` prefix, only the ``backend/``
+        webuis have ``forge_additional_modules``, and only Neo has ``VERSION_UID``)."""
         self.url = url.rstrip("/")
         self.log = log
         self._options: set[str] | None = None
@@ -53,8 +60,12 @@ class WebUI:
                 backend = FORGE
             elif any(key.startswith("forge_") for key in options):
                 backend = LDM_PATCHED
+            neo = backend == FORGE and "VERSION_UID" in options
         self.backend = backend
         self.forge = backend is not None  # the Forge family: SEG runs as a post-CFG function
+        self.neo = neo
+        # a live preview that needs no download (Neo has no "Approx cheap"; its default is "RGB")
+        self.offline_preview = "RGB" if neo else "Approx cheap"
 
     def options(self) -> set[str]:
         if self._options is None:
@@ -75,6 +86,18 @@ class WebUI:
         """Forge's API needs these for hires; its second pass uses hr_cfg (default 1 = no CFG)."""
         fields = {"hr_additional_modules": ["Use same choices"], "hr_cfg": 7}
         return {name: value for name, value in fields.items() if name in self.request_fields()}
+
+    def upscaler(self, wanted: str) -> str:
+        """The hires upscaler to send for ``wanted``. Neo has no latent upscale modes and lists no
+        Lanczos/Nearest; its model upscalers download weights: offline, "None" (a plain resize)."""
+        if not self.neo:
+            return wanted
+        names = set()
+        for path in ("/sdapi/v1/upscalers", "/sdapi/v1/latent-upscale-modes"):
+            status, listed = self.get(path)
+            if status == 200:
+                names |= {item.get("name") for item in listed or [] if isinstance(item, dict)}
+        return wanted if wanted in names else "None"
 
     def request(self, method: str, path: str, payload=None, timeout: float | None = None):
         # a full-size transformer on a CPU takes minutes per image
@@ -120,6 +143,48 @@ def _wait(webui: WebUI, process: subprocess.Popen, timeout: float) -> None:
     raise RuntimeError(f"the webui did not come up in {timeout:.0f} s; see {webui.log}")
 
 
+def _source(root: Path, *parts: str) -> str:
+    path = root.joinpath(*parts)
+    return path.read_text(errors="ignore") if path.is_file() else ""
+
+
+def _offers(root: Path, flag: str) -> bool:
+    """Whether the webui's own argument parser (modules/cmd_args.py) has ``flag``."""
+    return f'"{flag}"' in _source(root, "modules", "cmd_args.py")
+
+
+def _is_neo(root: Path) -> bool:
+    """Forge Neo: a ``backend/`` webui whose device flags are ``--cpu`` etc., not ``--always-cpu``."""
+    args = _source(root, "backend", "args.py")
+    return '"--cpu"' in args and '"--always-cpu"' not in args
+
+
+def _prepare_neo(root: Path) -> None:
+    """Neo stops at an input() prompt unless config.json carries its current VERSION_UID."""
+    found = re.search(r'VERSION_UID\b[^=\n]*=\s*"([^"]+)"', _source(root, "modules", "launch_utils.py"))
+    if not found:
+        return
+    config_path = root / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    if config.get("VERSION_UID") != found.group(1):
+        config["VERSION_UID"] = found.group(1)
+        config_path.write_text(json.dumps(config, indent=4))
+
+
+# settings the tier sends as override_settings: the webui restores an override afterwards only for
+# keys already in config.json (A1111's rule, kept by Neo), so a fresh config.json lets one leak
+OVERRIDDEN_OPTIONS = ("skip_early_cond", "batch_cond_uncond", "pad_cond_uncond", "show_progress_type")
+
+
+def _pin_overridden_options(server: WebUI) -> None:
+    """Write the current values of the overridden settings into config.json (a fresh Neo has none)."""
+    status, options = server.get("/sdapi/v1/options")
+    if status == 200 and options:
+        pinned = {key: options[key] for key in OVERRIDDEN_OPTIONS if key in options}
+        if pinned:
+            server.post("/sdapi/v1/options", pinned)
+
+
 @pytest.fixture(scope="session")
 def webui(tmp_path_factory):
     url = os.environ.get("SEG_WEBUI_URL")
@@ -145,14 +210,23 @@ def webui(tmp_path_factory):
     backend = None
     if (root_path / "modules_forge").is_dir():
         backend = FORGE if (root_path / "backend").is_dir() else LDM_PATCHED
-    command = [python, "launch.py", *COMMON_FLAGS, *(FORGE_CPU_FLAGS if backend else A1111_CPU_FLAGS),
-               "--port", str(port), *shlex.split(os.environ.get("SEG_WEBUI_ARGS", ""))]  # fmt: skip
+    neo = backend == FORGE and _is_neo(root_path)
+    if neo:
+        _prepare_neo(root_path)
+        flags = [flag for flag in COMMON_FLAGS if _offers(root_path, flag)] + NEO_CPU_FLAGS
+    else:
+        flags = [*COMMON_FLAGS, *(FORGE_CPU_FLAGS if backend else A1111_CPU_FLAGS)]
+    extra = shlex.split(os.environ.get("SEG_WEBUI_ARGS", ""))
+    command = [python, "launch.py", *flags, "--port", str(port), *extra]
     with open(log, "w") as log_file:
+        # no stdin: a webui that asks a question (Neo's "Press Enter") ends instead of waiting
         process = subprocess.Popen(command, cwd=root_path, env=env, stdout=log_file, stderr=subprocess.STDOUT,
-                                   start_new_session=True)  # fmt: skip
-    server = WebUI(f"http://127.0.0.1:{port}", log, backend=backend)
+                                   stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    server = WebUI(f"http://127.0.0.1:{port}", log, backend=backend, neo=neo)
     try:
         _wait(server, process, float(os.environ.get("SEG_WEBUI_START_TIMEOUT", "900")))
+        if neo:
+            _pin_overridden_options(server)
         yield server
     finally:
         os.killpg(process.pid, signal.SIGTERM)

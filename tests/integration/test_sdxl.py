@@ -29,7 +29,7 @@ def sdxl(webui):
     status, before = webui.get("/sdapi/v1/options")
     assert status == 200
     # offline, the default live preview of SDXL wants a file from the hub
-    switched = {"sd_model_checkpoint": SDXL, "show_progress_type": "Approx cheap"}
+    switched = {"sd_model_checkpoint": SDXL, "show_progress_type": webui.offline_preview}
     switched = {key: value for key, value in switched.items() if key in before}
     set_options(webui, switched)
     status, now = webui.get("/sdapi/v1/options")
@@ -74,7 +74,7 @@ def test_sdxl_layouts_run_guided(sdxl, variant):
 
 def test_sdxl_hires_fix(sdxl):
     body = txt2img(sdxl, [{"enabled": True, "hires": "custom", "hires_sigma": 2}], width=64, height=64,
-                   enable_hr=True, hr_scale=2, hr_upscaler="Latent", hr_second_pass_steps=2,
+                   enable_hr=True, hr_scale=2, hr_upscaler=sdxl.upscaler("Latent"), hr_second_pass_steps=2,
                    denoising_strength=0.7, **sdxl.hires_fields())  # fmt: skip
     assert "SEG hires: custom" in body["info"] and "SEG warning" not in body["info"], body["info"]
 

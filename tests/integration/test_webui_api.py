@@ -66,7 +66,7 @@ def test_infotext_round_trips_through_png_info(webui):
     assert status == 200
     params = parsed["parameters"]
     assert params["SEG scale"] == "2.5" and params["SEG sigma"] == "10" and params["SEG branch"] == "cond"
-    if webui.backend == "forge":
+    if webui.backend == "forge":  # lllyasviel's Forge and Forge Neo 2.26 alike
         pytest.skip("Forge's API fails every request with an 'infotext' field (isinstance on List[str])")
     # pasting the infotext through the API reproduces the image
     status, body = webui.post("/sdapi/v1/txt2img", {**BASE, "infotext": parsed["info"]})
@@ -104,8 +104,8 @@ def test_bad_args_give_a_clean_message_and_a_normal_image(webui, baseline, args)
 def test_hires_fix_with_custom_pass(webui):
     body = txt2img(
         webui, [{"enabled": True, "hires": "custom", "hires_scale": 1.5, "hires_sigma": 2}],
-        width=64, height=64, enable_hr=True, hr_scale=2, hr_upscaler="Latent", hr_second_pass_steps=2,
-        denoising_strength=0.7, **webui.hires_fields(),
+        width=64, height=64, enable_hr=True, hr_scale=2, hr_upscaler=webui.upscaler("Latent"),
+        hr_second_pass_steps=2, denoising_strength=0.7, **webui.hires_fields(),
     )  # fmt: skip
     assert "SEG hires: custom" in body["info"] and "SEG hires sigma: 2" in body["info"]
 
@@ -167,8 +167,9 @@ def test_batch_layouts_run_guided_without_warnings(webui, variant):
 
 
 def test_hires_with_a_non_latent_upscaler_and_inpaint(webui, baseline):
-    body = txt2img(webui, [True], width=64, height=64, enable_hr=True, hr_scale=2, hr_upscaler="Lanczos",
-                   hr_second_pass_steps=2, denoising_strength=0.6, **webui.hires_fields())  # fmt: skip
+    body = txt2img(webui, [True], width=64, height=64, enable_hr=True, hr_scale=2,
+                   hr_upscaler=webui.upscaler("Lanczos"), hr_second_pass_steps=2, denoising_strength=0.6,
+                   **webui.hires_fields())  # fmt: skip
     assert "SEG scale" in body["info"] and "SEG warning" not in body["info"]
     from PIL import Image, ImageDraw
 
