@@ -24,6 +24,9 @@ from lib_seg.layers import LayerSelection
         ("Single 3 1-2; double 9 8 7", "double 7-9, single 1-3"),
         ("joint 5-12", "joint 5-12"),
         ("middle, joint", "middle, joint"),
+        ("blocks 18-20", "block 18-20"),
+        ("Layers 9, block 3", "block 3 9"),
+        ("double 2-4, layer", "double 2-4, block"),
         (" Output  3 ,middle ", "middle, output 3"),
     ],
 )
