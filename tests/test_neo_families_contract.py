@@ -18,6 +18,7 @@ import standin_neo_transformers as neo
 import standin_webui as sw
 import torch
 from reference import conv2d_reference
+from transformer_checks import smoothing_for
 
 from lib_seg import SEGParams, transformers
 
@@ -247,3 +248,33 @@ def test_a_moved_layout_fails_soft_with_one_warning(webui, monkeypatch):
     out, p = generate(webui, module, on())
     assert "nor a transformer SEG knows" in p.extra_generation_params["SEG warning"]
     assert torch.equal(out, off)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("error", [RuntimeError("boom"), KeyboardInterrupt()])
+def test_nothing_is_left_after_an_exception_or_an_interrupt(webui, name, error):
+    """A block failing after a smoothed block's attention ran: every hook and kernel is put back."""
+    module = webui.nn[name]
+    model = module.build()
+    x = latent_of(module, 1, size=(6, 8))
+    entry = module.conds(1)[0]
+    extra = {key: value for key, value in entry.items() if key in sf.EXTRA_CONDS}
+
+    def run():
+        return model(x, torch.full((1,), 0.5), context=entry["cross_attn"], **extra)
+
+    baseline, kernel = run(), module.attention_function
+    layers, names = chosen(model)
+    smoothing, _ = smoothing_for(model, layers, math.inf)
+
+    def fail(block, args):
+        raise error
+
+    handle = model.get_submodule(names[-1]).register_forward_pre_hook(fail)
+    with pytest.raises(type(error)), smoothing.applied():
+        run()
+    handle.remove()
+    assert smoothing.blurred_calls >= 1  # the first chosen block was smoothed before the failure
+    assert module.attention_function is kernel
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
+    assert torch.equal(run(), baseline)
