@@ -11,6 +11,7 @@ Each family is one small module beside this one (``flux.py``, ``qwen_image.py``,
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +36,7 @@ class CallLayout:
         return self.frames * self.height * self.width
 
 
-class Family:
+class Family(ABC):
     """A diffusion-transformer family. Subclasses override what differs from Flux's conventions.
 
     ``sides``: ``(side, attribute)`` pairs, the side being the name users write (``double``,
@@ -46,17 +47,17 @@ class Family:
     sides: tuple[tuple[str, str], ...] = ()
     default_blocks: str = ""
 
+    @abstractmethod
     def matches(self, model: nn.Module) -> bool:
         """True when ``model`` (the webui's diffusion model object) is of this family."""
-        raise NotImplementedError
 
     def default(self, model: nn.Module) -> str:
         """The blocks ``middle`` stands for on ``model``."""
         return self.default_blocks
 
+    @abstractmethod
     def layout(self, model: nn.Module, args: tuple, kwargs: dict) -> CallLayout:
         """The image token layout of the call ``model(*args, **kwargs)``."""
-        raise NotImplementedError
 
     def attention_scopes(self, block: nn.Module) -> list[nn.Module]:
         """The submodules of ``block`` inside which every kernel call is an image self-attention
