@@ -11,10 +11,10 @@ from __future__ import annotations
 from torch import nn
 
 from .anima import ANIMA
-from .blocks import block_lists, default_at_depth, describe_blocks, resolve_blocks
+from .blocks import block_lists, describe_blocks, resolve_blocks
 from .chroma import CHROMA
 from .ernie import ERNIE_IMAGE
-from .family import CallLayout, Family
+from .family import CallLayout, Family, default_at_depth
 from .flux import FLUX
 from .flux2 import FLUX2
 from .krea import KREA2

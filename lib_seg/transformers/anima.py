@@ -19,7 +19,6 @@ from __future__ import annotations
 from torch import nn
 
 from ..layers import BLOCK
-from .blocks import default_at_depth
 from .family import CallLayout, Family, is_module_list, latent_of, padded_grid
 
 
@@ -27,6 +26,7 @@ class AnimaFamily(Family):
     name = "Anima"
     sides = ((BLOCK, "blocks"),)
     default_blocks = "block 8-10"  # of the real model's 28
+    follows_depth = True
 
     def matches(self, model: nn.Module) -> bool:
         if not (is_module_list(model, "blocks") and hasattr(model, "patch_spatial")
@@ -35,8 +35,6 @@ class AnimaFamily(Family):
         return all(hasattr(block, name) for block in model.blocks
                    for name in ("self_attn", "cross_attn", "adaln_modulation_self_attn"))  # fmt: skip
 
-    def default(self, model: nn.Module) -> str:
-        return default_at_depth(len(model.blocks))
 
     def layout(self, model: nn.Module, args: tuple, kwargs: dict) -> CallLayout:
         x = latent_of(args, kwargs)

@@ -57,14 +57,3 @@ def resolve_blocks(
         if indices:
             missing.append(f"{side} {format_indices(indices)}")
     return chosen, missing
-
-
-def default_at_depth(count: int, fraction: float = 0.3, span: int = 3) -> str:
-    """``block a-b``: ``span`` consecutive blocks starting at ``fraction`` of a ``count``-block list,
-    SD3's Skip-Layer-Guidance choice (joint 7-9 of 24: from 0.3 of the depth) carried over to a
-    single block list of any depth."""
-    if count <= 0:
-        return "block 0"
-    first = min(round(fraction * count), max(count - span, 0))
-    last = min(first + span - 1, count - 1)
-    return f"block {first}" if first == last else f"block {first}-{last}"

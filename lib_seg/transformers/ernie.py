@@ -16,7 +16,6 @@ from __future__ import annotations
 from torch import nn
 
 from ..layers import BLOCK
-from .blocks import default_at_depth
 from .family import CallLayout, Family, is_module_list, latent_of
 
 
@@ -24,6 +23,7 @@ class ErnieImageFamily(Family):
     name = "Ernie-Image"
     sides = ((BLOCK, "layers"),)
     default_blocks = "block 11-13"  # of the real model's 36
+    follows_depth = True
 
     def matches(self, model: nn.Module) -> bool:
         if not (is_module_list(model, "layers") and len(model.layers)):
@@ -32,8 +32,6 @@ class ErnieImageFamily(Family):
             hasattr(layer, "self_attention") and hasattr(layer, "adaLN_sa_ln") for layer in model.layers
         )
 
-    def default(self, model: nn.Module) -> str:
-        return default_at_depth(len(model.layers))
 
     def layout(self, model: nn.Module, args: tuple, kwargs: dict) -> CallLayout:
         x = latent_of(args, kwargs)

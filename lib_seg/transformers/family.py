@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..layers import BLOCK
+
 
 @dataclass(frozen=True)
 class CallLayout:
@@ -41,11 +43,15 @@ class Family(ABC):
 
     ``sides``: ``(side, attribute)`` pairs, the side being the name users write (``double``,
     ``single``, ``joint``, ``block``) and the attribute the model's ``ModuleList``.
-    ``default_blocks``: what ``middle`` means (with the reason in the family's module)."""
+    ``default_blocks``: what ``middle`` means on the real model (with the reason in the family's
+    module). ``follows_depth``: the field has no convention for the family, so ``middle`` is SD3's
+    choice carried to the loaded model's depth (``default_at_depth`` of its first block list), and
+    ``default_blocks`` is what that gives on the real model."""
 
     name: str = "?"
     sides: tuple[tuple[str, str], ...] = ()
     default_blocks: str = ""
+    follows_depth: bool = False
 
     @abstractmethod
     def matches(self, model: nn.Module) -> bool:
@@ -53,7 +59,10 @@ class Family(ABC):
 
     def default(self, model: nn.Module) -> str:
         """The blocks ``middle`` stands for on ``model``."""
-        return self.default_blocks
+        if not self.follows_depth:
+            return self.default_blocks
+        side, attribute = self.sides[0]
+        return default_at_depth(len(getattr(model, attribute)), side)
 
     @abstractmethod
     def layout(self, model: nn.Module, args: tuple, kwargs: dict) -> CallLayout:
@@ -92,3 +101,14 @@ def padded_grid(height: int, width: int, patch: int) -> tuple[int, int]:
 
 def is_module_list(model: object, attribute: str) -> bool:
     return isinstance(getattr(model, attribute, None), nn.ModuleList)
+
+
+def default_at_depth(count: int, side: str = BLOCK, fraction: float = 0.3, span: int = 3) -> str:
+    """``block a-b`` (or another ``side``): ``span`` consecutive blocks starting at ``fraction`` of a
+    ``count``-block list, SD3's Skip-Layer-Guidance choice (joint 7-9 of 24: from 0.3 of the depth)
+    carried over to a block list of any depth."""
+    if count <= 0:
+        return f"{side} 0"
+    first = min(round(fraction * count), max(count - span, 0))
+    last = min(first + span - 1, count - 1)
+    return f"{side} {first}" if first == last else f"{side} {first}-{last}"

@@ -18,15 +18,14 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..layers import BLOCK, DOUBLE
-from .blocks import default_at_depth
 from .family import is_module_list
 from .flux import FluxFamily, has_global_modulation
 
 
 class Flux2Family(FluxFamily):
     name = "Flux.2"
-    default_blocks = "double 2-4"
+    default_blocks = "double 2-4"  # of Klein 4B and 9B
+    follows_depth = True  # on the double blocks, the side Flux.1's default uses
     default_patch = 1
 
     def matches(self, model: nn.Module) -> bool:
@@ -34,11 +33,6 @@ class Flux2Family(FluxFamily):
                 and not hasattr(model, "distilled_guidance_layer")
                 and has_global_modulation(model))  # fmt: skip
 
-    def default(self, model: nn.Module) -> str:
-        blocks = getattr(model, "double_blocks", None)
-        if blocks is None:
-            return self.default_blocks
-        return DOUBLE + default_at_depth(len(blocks)).removeprefix(BLOCK)
 
 
 FLUX2 = Flux2Family()

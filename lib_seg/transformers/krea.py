@@ -14,14 +14,13 @@ blocks' parts one by one (``block.mod``, ``block.attn``, ``block.mlp``) rather t
 SEG's scope is each block's ``attn`` module, which both paths call.
 
 Default ``block a-b``: no Skip-Layer-Guidance convention is published for Krea-2, so SD3's
-``joint 7-9`` of 24 is carried to the depth (``blocks.default_at_depth``): ``block 8-10`` of 28."""
+``joint 7-9`` of 24 is carried to the depth (``family.default_at_depth``): ``block 8-10`` of 28."""
 
 from __future__ import annotations
 
 from torch import nn
 
 from ..layers import BLOCK
-from .blocks import default_at_depth
 from .family import CallLayout, Family, call_argument, is_module_list, latent_of, padded_grid
 
 
@@ -29,12 +28,11 @@ class Krea2Family(Family):
     name = "Krea-2"
     sides = ((BLOCK, "blocks"),)
     default_blocks = "block 8-10"
+    follows_depth = True
 
     def matches(self, model: nn.Module) -> bool:
         return is_module_list(model, "blocks") and isinstance(getattr(model, "txtfusion", None), nn.Module)
 
-    def default(self, model: nn.Module) -> str:
-        return default_at_depth(len(model.blocks))
 
     def layout(self, model: nn.Module, args: tuple, kwargs: dict) -> CallLayout:
         x = latent_of(args, kwargs)

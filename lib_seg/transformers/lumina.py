@@ -25,7 +25,7 @@ the bare patch embeddings before the caption joins, and naming it would need a s
 block syntax does not have.
 
 Default: no Skip-Layer-Guidance convention is known for these models, so ``middle`` is SD3's SLG
-choice (joint 7-9 of 24) carried to the depth (``blocks.default_at_depth``): ``block 8-10`` of
+choice (joint 7-9 of 24) carried to the depth (``family.default_at_depth``): ``block 8-10`` of
 Lumina 2's 26 layers, ``block 9-11`` of Z-Image's 30.
 
 Nunchaku's quantized Z-Image (``backend/nn/svdq.py``) swaps each block's attention for one that
@@ -37,7 +37,6 @@ from __future__ import annotations
 from torch import nn
 
 from ..layers import BLOCK
-from .blocks import default_at_depth
 from .family import CallLayout, Family, call_argument, is_module_list, latent_of, padded_grid
 
 
@@ -45,12 +44,11 @@ class Lumina2Family(Family):
     name = "Lumina 2"
     sides = ((BLOCK, "layers"),)
     default_blocks = "block 8-10"  # of the real model's 26 layers
+    follows_depth = True
 
     def matches(self, model: nn.Module) -> bool:
         return is_next_dit(model) and not has_z_image_modulation(model)
 
-    def default(self, model: nn.Module) -> str:
-        return default_at_depth(len(model.layers))
 
     def layout(self, model: nn.Module, args: tuple, kwargs: dict) -> CallLayout:
         x = latent_of(args, kwargs)

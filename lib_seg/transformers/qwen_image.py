@@ -14,7 +14,7 @@ batched call is the shorter prompt repeated, and every text token is attended), 
 length is the call's ``context.shape[1]``.
 
 Default: the middle three blocks at 0.3 of the depth (``block 18-20`` of 60), SD3's Skip Layer
-Guidance choice (joint 7-9 of 24) carried to the depth (``blocks.default_at_depth``): the field
+Guidance choice (joint 7-9 of 24) carried to the depth (``family.default_at_depth``): the field
 has no Skip Layer Guidance convention for Qwen-Image, and like SD3 it is an MMDiT whose every
 block runs a joint attention."""
 
@@ -23,13 +23,14 @@ from __future__ import annotations
 from torch import nn
 
 from ..layers import BLOCK
-from .blocks import default_at_depth
 from .family import CallLayout, Family, call_argument, is_module_list, latent_of, padded_grid
 
 
 class QwenImageFamily(Family):
     name = "Qwen-Image"
     sides = ((BLOCK, "transformer_blocks"),)
+    default_blocks = "block 18-20"  # of the real model's 60
+    follows_depth = True
 
     def matches(self, model: nn.Module) -> bool:
         # Qwen's own parts: the one block list, the text RMSNorm before ``txt_in``, the RoPE
@@ -39,8 +40,6 @@ class QwenImageFamily(Family):
                 and all(isinstance(getattr(model, part, None), nn.Module) for part in parts)
                 and callable(getattr(model, "process_img", None)))  # fmt: skip
 
-    def default(self, model: nn.Module) -> str:
-        return default_at_depth(len(model.transformer_blocks))
 
     def layout(self, model: nn.Module, args: tuple, kwargs: dict) -> CallLayout:
         x = latent_of(args, kwargs)

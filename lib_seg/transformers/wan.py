@@ -38,8 +38,7 @@ import sys
 from torch import nn
 
 from ..layers import BLOCK
-from .blocks import default_at_depth
-from .family import CallLayout, Family, call_argument, is_module_list, latent_of
+from .family import CallLayout, Family, call_argument, default_at_depth, is_module_list, latent_of
 
 SLG_BLOCK = 9
 CONVENTION_DEPTH = 30  # the smallest released Wan (1.3B, 5B); the 14B models have 40 blocks
