@@ -1,15 +1,17 @@
-"""SEG step time next to CFG-only, through the script's real A1111 and Forge code paths.
+"""SEG step time next to CFG-only, through the script's real A1111 and Forge-family code paths.
 
 Drives ``scripts/sd_webui_seg.py`` on the real SD1.5 UNet architecture with random weights, in the
-A1111 v1.10.1 CFG-denoiser layout of the test stand-in (``tests/standin_webui.py``) and in Forge's
+A1111 v1.10.1 CFG-denoiser layout of the test stand-in (``tests/standin_webui.py``), in Forge's
 (``tests/standin_forge.py``: Forge's UnetPatcher, its chunked batch evaluator with
-``model_function_wrapper`` and memory estimate, and its UNet layout around the same layers), and
-prints, per configuration, in one run and per webui: the CFG-only step time, the SEG step time and
-their ratio for each evaluation path (shared prefix, one call without prefix sharing, separate
-extra evaluation), an off-schedule step, the peak memory of each, and the query blur's share of a
-SEG step.
+``model_function_wrapper`` and memory estimate, and its UNet layout around the same layers), and in
+reForge's and Forge Classic's (``tests/standin_ldm_patched.py``: ldm_patched's evaluators and its
+UNet layout, whose blocks' layers run one by one), and prints, per configuration, in one run and
+per webui: the CFG-only step time, the SEG step time and their ratio for each evaluation path
+(shared prefix, one call without prefix sharing, separate extra evaluation), an off-schedule step,
+the peak memory of each, the query blur's share of a SEG step, and each Forge-family webui's
+shared-prefix ratio minus A1111's.
 
-    python bench/seg_step.py                       # CPU: A1111 and Forge, 512x512, batch 1 and 4
+    python bench/seg_step.py                       # CPU: all four webuis, 512x512, batch 1 and 4
     python bench/seg_step.py --device cuda --half --batches 1 2 4 8 --sizes 512x512 768x512 \
         --sigmas 10 inf --layers middle "input 7-8" --json out.json --plot docs/performance.png
 """
@@ -31,6 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 import standin_forge as sf  # noqa: E402
+import standin_ldm_patched as sl  # noqa: E402
 import standin_webui as sw  # noqa: E402
 
 from lib_seg import SEGParams, blur_queries, parse_layers, resolve_attn1, token_grid  # noqa: E402
@@ -42,6 +45,7 @@ PATHS = {  # name: (one_call, share_prefix)
 }
 
 STEP_KINDS = ("cfg", "off-schedule", *PATHS)
+WEBUIS = ("a1111", "forge", "reforge", "classic")
 
 
 class _Patcher:
@@ -130,6 +134,10 @@ class Bench:
         self.a1111_model = self.webui.shared.sd_model
         sf.install(_Patcher())
         self.forge_model = sf.forge_model(self.unet)  # Forge's UNet layout around the same layers
+        sl.install(_Patcher())
+        self.ldm_patched_model = sl.forge_model(self.unet)  # ldm_patched's layout, the same layers
+        self.samplers = sys.modules[sl.EVALUATOR_MODULE]
+        self.calc_cond_batch = self.samplers.calc_cond_batch
         module = sw.load_script(self.webui)
         self.controller = module.controller
         self.script = module.SmoothedEnergyGuidanceScript()
@@ -140,12 +148,12 @@ class Bench:
         return torch.autocast(self.device.type, dtype=torch.float16, enabled=self.dtype == torch.float16)
 
     def step(self, webui, args, batch, size, path=None, warmup=True):
-        """Time one step of ``webui`` ("a1111", "forge") after one warm-up, and its peak memory."""
+        """Time one step of ``webui`` (``WEBUIS``) after one warm-up, and its peak memory."""
         if path is not None:  # the Settings options the script reads at every generation
             opts = self.webui.shared.opts
             opts.seg_one_call, opts.seg_share_prefix = PATHS[path]
-        if webui == "forge":
-            return self.forge_step(args, batch, size, warmup)
+        if webui != "a1111":
+            return self.forge_step(webui, args, batch, size, warmup)
         self.webui.shared.sd_model = self.a1111_model
         height, width = size[0] // 8, size[1] // 8
         g = torch.Generator().manual_seed(0)
@@ -181,10 +189,19 @@ class Bench:
         self.script.postprocess(p, None, *args)
         return elapsed, peak, paths
 
-    def forge_step(self, args, batch, size, warmup):
-        """Forge's sampling function for one step: pre-CFG hooks, the chunked evaluation of the
-        prompt and the negative prompt, CFG, post-CFG hooks."""
-        sd_model = self.webui.shared.sd_model = self.forge_model
+    def forge_step(self, webui, args, batch, size, warmup):
+        """A Forge-family sampling function for one step: pre-CFG hooks (reForge: its batch
+        function), the chunked evaluation of the prompt and the negative prompt, CFG, post-CFG
+        hooks."""
+        if webui == "forge":
+            sd_model, sampling_function = self.forge_model, sf.sampling_function_inner
+        else:  # Forge Classic has only the two-list evaluator
+            sd_model, sampling_function = self.ldm_patched_model, sl.sampling_function
+            if webui == "classic":
+                vars(self.samplers).pop("calc_cond_batch", None)
+            else:
+                self.samplers.calc_cond_batch = self.calc_cond_batch
+        self.webui.shared.sd_model = sd_model
         g = torch.Generator().manual_seed(0)
         kw = dict(device=self.device, dtype=self.dtype)
         cond = [{"cross_attn": torch.randn(batch, 77, 768, generator=g).to(**kw)}]
@@ -202,11 +219,11 @@ class Bench:
         patcher = sd_model.forge_objects.unet
         with torch.no_grad(), self.autocast():
             if warmup:
-                sf.sampling_function_inner(patcher.model, x, sigma, neg, cond, 7.0, patcher.model_options)
+                sampling_function(patcher.model, x, sigma, neg, cond, 7.0, patcher.model_options)
             _synchronize(self.device)
             base = _reset_peak(self.device)
             start = time.perf_counter()
-            sf.sampling_function_inner(patcher.model, x, sigma, neg, cond, 7.0, patcher.model_options)
+            sampling_function(patcher.model, x, sigma, neg, cond, 7.0, patcher.model_options)
             _synchronize(self.device)
             elapsed = time.perf_counter() - start
         peak = _peak(self.device, base)
@@ -254,7 +271,7 @@ def main():
     parser.add_argument("--sizes", nargs="+", default=["512x512"], help="HEIGHTxWIDTH in pixels")
     parser.add_argument("--sigmas", nargs="+", default=["inf"])
     parser.add_argument("--layers", nargs="+", default=["middle"])
-    parser.add_argument("--webuis", nargs="+", choices=["a1111", "forge"], default=["a1111", "forge"])
+    parser.add_argument("--webuis", nargs="+", choices=WEBUIS, default=list(WEBUIS))
     parser.add_argument("--repeats", type=int, default=1, help="timed steps per measurement (median)")
     parser.add_argument(
         "--warmup",
@@ -331,6 +348,12 @@ def main():
                         print(f"  {key:<20} {times[key] * 1000:10.1f} ms  {ratio:5.3f}x CFG-only"
                               f"  peak {fmt_bytes(memory[key])} ({extra:+.0f} MiB)"
                               f"  ran: {path_seen[key] or '-'}")  # fmt: skip
+                    if "a1111" in args.webuis:
+                        base = times["shared-prefix"] / times["cfg"]
+                        for webui in (w for w in args.webuis if w != "a1111"):
+                            ratio = times[f"{webui} shared-prefix"] / times[f"{webui} cfg"]
+                            row.setdefault("difference", {})[webui] = ratio - base
+                            print(f"  {webui} shared prefix minus A1111's: {ratio - base:+.3f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(

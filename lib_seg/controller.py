@@ -26,9 +26,9 @@ from torch import nn
 from . import transformers
 from .backends import A1111, backend_of, patcher_backend_of, unet_patcher_of
 from .backends.a1111.cfg_step import CFGStepGuidance, PassSettings
-from .backends.forge_prefix import ForgePrefixSharing
 from .backends.model_patcher import Attn1Smoothing, ForgeGuidance, ForgePass, patch_keys
-from .backends.shared_batch import SharedBatch
+from .backends.prefix_sharing import transformer_prefix
+from .backends.shared_batch import Attn1Rows, SharedBatch, TransformerRows
 from .layers import resolve_attn1
 from .params import (
     INFOTEXT_KEYS,
@@ -226,19 +226,13 @@ class SEGController:
                 self.report(p, run, f"SEG: this webui's sampling functions are not where SEG looks "
                             f"({error}); generated without SEG")  # fmt: skip
                 return
-            batched = None
+            prefix = None
             if unet is not None:
                 keys = patch_keys(target.names)
                 smoothing = Attn1Smoothing(keys, sigma, webui.attention)
-                if self.one_call:
-                    # reForge and Forge Classic (no unet_forward) run each block's layers directly
-                    shareable = self.share_prefix and webui.unet_forward is not None
-                    prefix = None
-                    if shareable:
-                        prefix = ForgePrefixSharing(unet, target.attn1_modules, webui.unet_forward)
-                    batched = SharedBatch(sigma, keys, webui.attention, webui.fits, prefix)
-                    if prefix is not None and prefix.reason is not None:
-                        log.info("SEG: no UNet blocks shared with the smoothed rows: %s", prefix.reason)
+                rows = Attn1Rows(sigma, keys, webui.attention)
+                if self.one_call and self.share_prefix and webui.unet_prefix is not None:
+                    prefix = webui.unet_prefix(unet, target.attn1_modules)
             else:
                 try:
                     # the kernel the self-attention modules call (Nunchaku's swapped-in attention
@@ -251,6 +245,13 @@ class SEGController:
                     return
                 smoothing = transformers.TransformerSmoothing(target.transformer, target.family,
                                                               target.blocks, slots, sigma)  # fmt: skip
+                rows = TransformerRows(smoothing)
+                if self.one_call and self.share_prefix:
+                    lists = transformers.block_lists(target.transformer, target.family).values()
+                    prefix = transformer_prefix(list(lists), target.blocks)
+            batched = SharedBatch(rows, webui.fits, prefix) if self.one_call else None
+            if prefix is not None and prefix.reason is not None:
+                log.info("SEG: no blocks shared with the smoothed rows: %s", prefix.reason)
             forge_pass = ForgePass(scale, sigma, params.branch, params.start, params.end)
             guidance = ForgeGuidance(forge_pass, webui.evaluate, smoothing, warn=warn, batched=batched,
                                      calc_cond_batch=webui.calc_cond_batch)  # fmt: skip

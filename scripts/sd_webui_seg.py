@@ -124,7 +124,7 @@ def on_ui_settings():
             True, "Evaluate SEG's smoothed rows in the webui's own model call (faster; +1 row per image)",
             gr.Checkbox),
         "seg_share_prefix": shared.OptionInfo(
-            True, "Share the UNet blocks before the first smoothed layer with their source rows (exact)",
+            True, "Share the blocks before the first smoothed one with their source rows (exact)",
             gr.Checkbox),
     }  # fmt: skip
     for key, option in options.items():

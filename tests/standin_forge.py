@@ -157,7 +157,7 @@ class KModel:
             return x - eps * sigma_rows
         steps = (sigma * 100).round()
         with forge_attention(net, options, x.shape, extra):
-            if type(net).__name__ == "IntegratedUNet2DConditionModel":
+            if type(net).__module__ != "ldm.modules.diffusionmodules.openaimodel":  # a webui's layout
                 eps = net(x * c_in, steps, context=c_crossattn, control=control,
                           transformer_options=options, **kwargs)  # fmt: skip
             else:
@@ -299,7 +299,7 @@ def forge_unet(ldm_unet):
 
 def forge_model(unet, patcher_class=None, extra_options=None):
     """A Forge sd_model: Forge's UNet layout for an ldm UNet (ldm_patched passes its own
-    ``patcher_class`` and keeps the ldm UNet, whose blocks run layer by layer there too)."""
+    ``patcher_class`` and UNet layout)."""
     net = unet if patcher_class not in (None, UnetPatcher) else forge_unet(unet)
     patcher = (patcher_class or UnetPatcher)(KModel(net, extra_options))
     model = types.SimpleNamespace(

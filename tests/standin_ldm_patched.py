@@ -14,6 +14,8 @@ they differ:
   optimisation hands the post-CFG functions ``uncond=None`` (Forge and Forge Classic hand the
   negative conds and a zero prediction);
 - ``ldm_patched.modules.model_management.get_free_memory``;
+- ``ldm_patched.ldm.modules.diffusionmodules.openaimodel``: the UNet layout whose blocks' layers
+  run through ``forward_timestep_embed`` (``ldm_patched_nn/openaimodel.py``);
 - ``ldm_patched.ldm.modules.attention.optimized_attention(q, k, v, heads, mask=None,
   attn_precision=None, ...)``, and ``attn_precision`` in the ``extra_options`` a replace patch
   receives (``BasicTransformerBlock.forward``); ``ATTN_PRECISION`` sets it (SD2 upcasts to
@@ -23,9 +25,11 @@ Nothing here is copied from either webui.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import sys
 import types
+from pathlib import Path
 
 import standin_forge as sf
 import torch
@@ -34,6 +38,8 @@ ATTN_PRECISION = None
 precisions: list = []
 EVALUATOR_MODULE = "ldm_patched.modules.samplers"
 EVALUATOR = "calc_cond_batch"  # what SEG's smoothed evaluation calls there (list form, as reForge)
+OPENAIMODEL = "ldm_patched.ldm.modules.diffusionmodules.openaimodel"
+HERE = Path(__file__).parent / "ldm_patched_nn"
 
 
 class ModelPatcher(sf.PatcherBase):
@@ -105,8 +111,25 @@ def sampling_function(model, x, timestep, uncond, cond, cond_scale, model_option
     return cfg_result
 
 
+def ldm_patched_unet(ldm_unet):
+    """ldm_patched's UNet layout (``ldm_patched_nn/openaimodel.py``) around an ldm UNet's layers."""
+    module = sys.modules.get(OPENAIMODEL) or _load_openaimodel()
+    if not hasattr(ldm_unet, "input_blocks") or type(ldm_unet).__module__ == OPENAIMODEL:
+        return ldm_unet
+    return module.UNetModel(ldm_unet).eval()
+
+
+def _load_openaimodel():
+    spec = importlib.util.spec_from_file_location(OPENAIMODEL, HERE / "openaimodel.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[OPENAIMODEL] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def forge_model(unet):
-    return sf.forge_model(unet, UnetPatcher, extra_options=lambda: {"attn_precision": ATTN_PRECISION})
+    return sf.forge_model(ldm_patched_unet(unet), UnetPatcher,
+                          extra_options=lambda: {"attn_precision": ATTN_PRECISION})  # fmt: skip
 
 
 def install(monkeypatch):
@@ -119,13 +142,17 @@ def install(monkeypatch):
     samplers.sampling_function = sampling_function
     ldm = types.ModuleType("ldm_patched.ldm")
     ldm_modules = types.ModuleType("ldm_patched.ldm.modules")
+    diffusionmodules = types.ModuleType("ldm_patched.ldm.modules.diffusionmodules")
+    openaimodel = sys.modules.get(OPENAIMODEL) or _load_openaimodel()
     attention = types.ModuleType("ldm_patched.ldm.modules.attention")
     attention.optimized_attention = optimized_attention
     management = types.ModuleType("ldm_patched.modules.model_management")
     management.get_free_memory = sf.get_free_memory
-    for package in (root, modules, ldm, ldm_modules):
+    for package in (root, modules, ldm, ldm_modules, diffusionmodules):
         package.__path__ = []
     root.modules, root.ldm, modules.samplers, modules.model_management = modules, ldm, samplers, management
     ldm.modules, ldm_modules.attention = ldm_modules, attention
-    for module in (root, modules, samplers, management, ldm, ldm_modules, attention):
+    ldm_modules.diffusionmodules, diffusionmodules.openaimodel = diffusionmodules, openaimodel
+    for module in (root, modules, samplers, management, ldm, ldm_modules, attention, diffusionmodules,
+                   openaimodel):  # fmt: skip
         monkeypatch.setitem(sys.modules, module.__name__, module)

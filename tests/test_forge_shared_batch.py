@@ -1,5 +1,6 @@
 """SEG's rows in the Forge family's own batched evaluation (``backends/shared_batch``), with the
-UNet prefix shared in Forge's own UNet layout (``backends/forge_prefix``): every path equals the
+UNet prefix shared in Forge's and ldm_patched's UNet layouts (``backends/prefix_sharing``): every
+path equals the
 A1111 path on the same UNet, the webui's batching and memory limits are respected, and failures
 leave a normal image. Runs on Forge's stand-in (``backend/``, Forge's UNet layout), reForge's
 (``sampler_calc_cond_batch_function``) and Forge Classic's (pre-CFG hook, two-list evaluator)."""
@@ -19,8 +20,8 @@ from unets import sd1_unet
 from lib_seg import SEGParams, parse_layers, resolve_attn1
 from lib_seg.backends import shared_batch
 from lib_seg.backends.a1111.patch import QueryBlurPatch
-from lib_seg.backends.forge_prefix import ForgePrefixSharing
 from lib_seg.backends.model_patcher import MARKER
+from lib_seg.backends.prefix_sharing import forge_unet_prefix, ldm_patched_unet_prefix
 
 CTX = 32
 LATENT = (16, 24)
@@ -61,11 +62,6 @@ def use_path(webui, monkeypatch, path):
     one_call, share_prefix = PATH_SETTINGS[path]
     monkeypatch.setattr(webui.shared.opts, "seg_one_call", one_call, raising=False)
     monkeypatch.setattr(webui.shared.opts, "seg_share_prefix", share_prefix, raising=False)
-
-
-def expected_path(webui, path):
-    """Only Forge's UNet calls its blocks as modules: elsewhere the rows are computed in full."""
-    return "one-call" if path == "shared-prefix" and webui.name != "forge" else path
 
 
 def conds(batch, lengths=(4,), seed=0, strengths=None, control=None):
@@ -152,7 +148,7 @@ def test_every_path_equals_the_a1111_path(
     out, x, sigma, _ = one_step(webui, on(branch=branch), cond, neg, cfg, batch, caplog)
     expected = reference(webui, unet, x, sigma, cond, neg, cfg, 2.0, 3.0, branch)
     torch.testing.assert_close(out, expected, atol=2e-4, rtol=1e-4)
-    assert paths_logged(caplog) == [f"SEG: 1 guided evaluations ({expected_path(webui, path)}: 1)"]
+    assert paths_logged(caplog) == [f"SEG: 1 guided evaluations ({path}: 1)"]
 
 
 def test_the_rows_ride_in_the_webuis_own_calls(webui, monkeypatch):
@@ -167,14 +163,14 @@ def test_the_rows_ride_in_the_webuis_own_calls(webui, monkeypatch):
     assert model.calls == [6]
 
 
-def test_forge_shares_the_blocks_before_the_first_smoothed_one(webui):
-    if webui.name != "forge":
-        pytest.skip("only Forge's UNet calls its blocks as modules")
+def test_the_blocks_before_the_first_smoothed_one_are_shared(webui):
+    """Forge's UNet calls its blocks as modules, ldm_patched's runs their layers one by one: on
+    both the first layer of a shared block gets the webui's rows only."""
     net = webui.shared.sd_model.forge_objects.unet.model.diffusion_model
     seen: dict[str, list[int]] = {"input 0": [], "middle": [], "output 0": []}
     args = on()
     p = start(webui, args)  # SEG's prefix hooks are in place: ours go after them
-    handles = [block.register_forward_pre_hook(lambda m, a, name=name: seen[name].append(a[0].shape[0]))
+    handles = [block[0].register_forward_pre_hook(lambda m, a, name=name: seen[name].append(a[0].shape[0]))
                for name, block in (("input 0", net.input_blocks[0]), ("middle", net.middle_block),
                                    ("output 0", net.output_blocks[0]))]  # fmt: skip
     try:
@@ -184,12 +180,10 @@ def test_forge_shares_the_blocks_before_the_first_smoothed_one(webui):
             handle.remove()
     webui.script.postprocess(p, None, *args)
     assert seen == {"input 0": [2], "middle": [3], "output 0": [3]}
-    assert not any(block._forward_hooks or block._forward_pre_hooks for block in net.input_blocks)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in net.modules())
 
 
 def test_controlnet_residuals_are_copied_with_their_rows(webui, unet, monkeypatch, caplog):
-    if webui.name != "forge":
-        pytest.skip("the stand-in adds ControlNet residuals in Forge's UNet layout")
     control = sf.ControlNet()
     cond, neg = conds(2, control=control), conds(2, seed=9, control=control)
     out, x, sigma, _ = one_step(webui, on(), cond, neg, 5.0, 2, caplog)
@@ -353,29 +347,43 @@ def test_the_settings_switch_and_steps_off_schedule_keep_the_webuis_calls(webui,
         assert model.calls == rows
 
 
-def test_prefix_sharing_refuses_what_could_see_the_reduced_batch(unet):
-    net = sf.forge_unet(unet)
+@pytest.mark.parametrize("layout", ["forge", "ldm_patched"])
+def test_prefix_sharing_refuses_what_could_see_the_reduced_batch(unet, monkeypatch, layout):
+    sl.install(monkeypatch)
+    net = sf.forge_unet(unet) if layout == "forge" else sl.ldm_patched_unet(unet)
+    prefix_of = forge_unet_prefix if layout == "forge" else ldm_patched_unet_prefix
     modules = [m for _, m in resolve_attn1(net, parse_layers("middle"))]
-    sharing = ForgePrefixSharing(net, modules, "IntegratedUNet2DConditionModel.forward")
+    sharing = prefix_of(net, modules)
     try:
         assert sharing.reason is None
-        assert len(sharing.blocks) == 12
+        assert len(sharing.units) == 12
         assert sharing.why_not({"patches": {"output_block_patch": [print]}}) is None
         assert "attn1_patch" in sharing.why_not({"patches": {"attn1_patch": [print]}})
         assert "shared block" in sharing.why_not({"patches_replace": {"attn2": {("input", 4, 0): print}}})
         assert sharing.why_not({"patches_replace": {"attn1": {("output", 4): print}}}) is None
         assert "inside" in sharing.why_not({"block_modifiers": [print]})
+        assert "inside" in sharing.why_not({"block_inner_modifiers": [print]})
+        assert "wraps" in sharing.why_not({"wrappers": {"diffusion_model": {"x": [print]}}})
+        assert sharing.why_not({"wrappers": {"diffusion_model": {}}}) is None
+        assert "other hooks" in prefix_of(net, modules).reason  # ours are on the shared blocks now
     finally:
         sharing.remove()
-    assert "runs its blocks' layers" in ForgePrefixSharing(net, modules, None).reason
-    assert (
-        "not IntegratedUNet2DConditionModel"
-        in ForgePrefixSharing(unet, modules, "IntegratedUNet2DConditionModel.forward").reason
-    )
+    assert "not" in prefix_of(unet, modules).reason  # an ldm UNet: not this host's layout
     first = [m for _, m in resolve_attn1(net, parse_layers("input 1"))]
-    assert ForgePrefixSharing(net, first, "IntegratedUNet2DConditionModel.forward").blocks == [
-        net.input_blocks[0]
-    ]
+    (unit,) = prefix_of(net, first).units
+    block = net.input_blocks[0]
+    assert unit.exit is (block if layout == "forge" else block[-1])
+    monkeypatch.setattr(type(net), "forward", lambda self, *a, **k: None)
+    assert "not the webui's own" in prefix_of(net, modules).reason
+
+
+def test_ldm_patched_sharing_needs_its_own_layer_caller(unet, monkeypatch):
+    sl.install(monkeypatch)
+    net = sl.ldm_patched_unet(unet)
+    modules = [m for _, m in resolve_attn1(net, parse_layers("middle"))]
+    openaimodel = sys.modules[sl.OPENAIMODEL]
+    monkeypatch.setattr(openaimodel, "forward_timestep_embed", lambda *a, **k: None)
+    assert "forward_timestep_embed is not the webui's own" in ldm_patched_unet_prefix(net, modules).reason
 
 
 def test_chunk_layout_keys_follow_the_copies():

@@ -116,8 +116,17 @@ class ReferenceSmoothing:
                 handle.remove()
 
 
+PATH_SETTINGS = {"shared-prefix": (True, True), "one-call": (True, False), "separate": (False, False)}
+
+
+@pytest.mark.parametrize("path", PATH_SETTINGS)
 @pytest.mark.parametrize(("cfg", "branch"), [(1.0, "uncond"), (1.0, "cond"), (4.0, "uncond"), (4.0, "cond")])
-def test_flux_step_is_the_spec_formula(webui, cfg, branch):
+def test_flux_step_is_the_spec_formula(webui, monkeypatch, caplog, path, cfg, branch):
+    """On every path: at CFG 1 the smoothed copy of the prompt rows joins the prompt's call (one
+    call of 4 rows) or, separately, gets a call of its own."""
+    one_call, share_prefix = PATH_SETTINGS[path]
+    monkeypatch.setattr(webui.shared.opts, "seg_one_call", one_call, raising=False)
+    monkeypatch.setattr(webui.shared.opts, "seg_share_prefix", share_prefix, raising=False)
     model = load(webui, "flux")
     args = on(scale=2.0, sigma=2, branch=branch, layers="double 7-8, single 1")
     p = sw.Processing()
@@ -135,9 +144,11 @@ def test_flux_step_is_the_spec_formula(webui, cfg, branch):
         webui.callbacks.CFGDenoiserParams(x, None, sigma, 0, 4, cond, neg, types.SimpleNamespace(p=p))
     )
     patched = webui.shared.sd_model.forge_objects.unet
-    out = sf.sampling_function_inner(patched.model, x, sigma, neg, cond, cfg, patched.model_options)
-    hook.remove()
-    webui.script.postprocess(p, None, *args)
+    with caplog.at_level(logging.INFO, logger="sd_webui_seg"):
+        out = sf.sampling_function_inner(patched.model, x, sigma, neg, cond, cfg, patched.model_options)
+        hook.remove()
+        webui.script.postprocess(p, None, *args)
+    assert f"SEG: 1 guided evaluations ({path}: 1)" in caplog.messages
     plain = types.SimpleNamespace(diffusion_model=model)
     c, u = sf.calc_cond_uncond_batch(
         plain, cond, None if cfg == 1 else neg, x, sigma, {"transformer_options": {}}
@@ -147,12 +158,15 @@ def test_flux_step_is_the_spec_formula(webui, cfg, branch):
     )
     if cfg == 1:  # no negative pass (Flux-dev's usual CFG 1): c + γ(c − c̃)
         expected = c + 2.0 * (c - smoothed_of(x, sigma, cond))
-        assert len(guidance_seen) == 2  # the cond pass and the smoothed pass only
+        rows = [4] if path != "separate" else [2, 2]  # the cond rows and their smoothed copies only
+        assert [len(g) for g in guidance_seen] == rows
     else:
         source, source_conds = (u, neg) if branch == "uncond" else (c, cond)
         expected = u + cfg * (c - u) + 2.0 * (source - smoothed_of(x, sigma, source_conds))
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
-    assert all(torch.equal(g, torch.full((2,), 3.5)) for g in guidance_seen)  # distilled guidance unchanged
+    assert all(
+        torch.equal(g, torch.full((len(g),), 3.5)) for g in guidance_seen
+    )  # distilled guidance unchanged
 
 
 @pytest.mark.parametrize("family", ["chroma", "sd3", "flux-schnell"])

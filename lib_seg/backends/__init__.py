@@ -5,8 +5,9 @@ schedule, layers, params).
   callbacks; the smoothed rows ride in the webui's own UNet call.
 - ``model_patcher``: what every Forge-family webui shares. A cloned UNet patcher with SEG's
   functions: the smoothed rows ride in the webui's own batched model calls (``shared_batch``,
-  with the UNet prefix shared in Forge's own UNet by ``forge_prefix``), or the post-CFG function
-  evaluates the smoothed branch separately through the webui's batch evaluator.
+  with the blocks before the first smoothed one shared by ``prefix_sharing``, on UNets and
+  transformers alike), or the post-CFG function evaluates the smoothed branch separately through
+  the webui's batch evaluator.
 - ``forge``: lllyasviel's Forge (``backend/``) entry points for ``model_patcher``.
 - ``ldm_patched``: reForge and Forge Classic (``ldm_patched``, a port of ComfyUI's patcher and
   samplers) entry points for ``model_patcher``.

@@ -46,14 +46,14 @@ def entry_points():
     from backend.attention import attention_function
     from backend.sampling.sampling_function import calc_cond_uncond_batch
 
-    from .forge_prefix import FORGE_UNET_FORWARD
     from .model_patcher import WebuiFunctions
+    from .prefix_sharing import forge_unet_prefix
 
     def fits(model, input_shape, device) -> bool:
         # calc_cond_uncond_batch's own test for the rows of one call
         return model.memory_required(input_shape) < memory_management.get_free_memory(device)
 
-    return WebuiFunctions(calc_cond_uncond_batch, attention_function, fits, unet_forward=FORGE_UNET_FORWARD)
+    return WebuiFunctions(calc_cond_uncond_batch, attention_function, fits, unet_prefix=forge_unet_prefix)
 
 
 def transformer_kernels(family_name: str, modules: Sequence[nn.Module]) -> list[KernelSlot]:

@@ -14,7 +14,8 @@ passed on where the function takes it, as the webui's own attention does. Both s
 call with ``model.memory_required(shape)`` against
 ``ldm_patched.modules.model_management.get_free_memory(device)`` (reForge with a 1.5 margin). Their
 UNet (``openaimodel.UNetModel``) runs each block's layers through ``forward_timestep_embed``, past
-block hooks: SEG's rows ride in its calls, but no blocks are shared.
+block hooks: the blocks SEG shares are hooked layer by layer
+(``prefix_sharing.ldm_patched_unet_prefix``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def entry_points():
     import ldm_patched.modules.samplers as samplers
 
     from .model_patcher import WebuiFunctions
+    from .prefix_sharing import ldm_patched_unet_prefix
 
     calc_cond_batch = getattr(samplers, "calc_cond_batch", None)
     if calc_cond_batch is not None:  # reForge: ComfyUI's list form (its two-list wrapper is deprecated)
@@ -57,7 +59,8 @@ def entry_points():
             return function(q, k, v, heads, attn_precision=attn_precision)
         return function(q, k, v, heads)
 
-    return WebuiFunctions(evaluate, attention, fits, calc_cond_batch=calc_cond_batch)
+    return WebuiFunctions(evaluate, attention, fits, calc_cond_batch=calc_cond_batch,
+                          unet_prefix=ldm_patched_unet_prefix)  # fmt: skip
 
 
 @lru_cache(maxsize=16)

@@ -5,13 +5,13 @@ For each sampling pass the script clones ``p.sd_model.forge_objects.unet`` and a
 function, which adds the SEG term to the CFG result at a guided step. The smoothed prediction
 comes from one of two paths:
 
-- on a UNet, by default, SEG's rows ride in the webui's own batched model calls
+- by default, SEG's rows ride in the webui's own batched model calls
   (``shared_batch.SharedBatch``: a ``model_function_wrapper``, a planning hook run right before the
   step's evaluation, and a post-CFG function first in the list that ends the step's calls), with
-  the UNet blocks before the first smoothed one shared in Forge's own UNet (``forge_prefix``);
-- otherwise (a step that path cannot map, the Settings switch off, a diffusion transformer) the
-  post-CFG function re-runs the smoothed branch's conditioning through the webui's batch evaluator
-  with the smoothing in place: an ``attn1`` replace patch on the selected blocks (``Attn1Smoothing``:
+  the blocks before the first smoothed one shared (``prefix_sharing``);
+- otherwise (a step that path cannot map, the Settings switch off) the post-CFG function re-runs
+  the smoothed branch's conditioning through the webui's batch evaluator with the smoothing in
+  place: an ``attn1`` replace patch on the selected blocks (``Attn1Smoothing``:
   it blurs the queries the webui hands it, then runs the webui's attention), or on Forge's
   diffusion transformers ``transformers.TransformerSmoothing``.
 
@@ -124,7 +124,9 @@ class WebuiFunctions:
     # (its pre-CFG functions run after the evaluation). Forge, Forge Classic: None, the plan is
     # made in a sampler_pre_cfg_function.
     calc_cond_batch: Callable | None = None
-    unet_forward: str | None = None  # the UNet forward whose blocks SEG may share (Forge only)
+    # (unet, smoothed attn1 modules) -> prefix_sharing.PrefixSharing: where this host's UNet runs
+    # its blocks, for sharing the ones before the first smoothed block
+    unet_prefix: Callable | None = None
 
 
 @dataclass

@@ -8,11 +8,13 @@ chunks into one model call as its memory estimate allows, and hands each call to
 prompt chunk, 1 for a negative one).
 
 SEG's wrapper appends to such a call a copy of every chunk of the kind SEG smooths this step. The
-copies' queries are blurred by an attn1 replace patch that exists only in the enlarged call's
-options and touches only the rows from ``ROWS_KEY`` on; the webui gets back exactly the rows it
-asked for, and the copies' predictions are averaged the way the webui averages its entries. Forge's
-own UNet also shares the blocks before the first smoothed block between a row and its copy
-(``forge_prefix``).
+copies' queries are blurred, and only theirs (``RowSmoothing``): on a UNet by an attn1 replace
+patch that exists only in the enlarged call's options and touches only the rows from ``ROWS_KEY``
+on (``Attn1Rows``); on a diffusion transformer, which takes no patches, by SEG's kernel wrapper,
+in place during the enlarged call only (``TransformerRows``). The webui gets back exactly the rows
+it asked for, and the copies' predictions are averaged the way the webui averages its entries. The
+blocks before the first smoothed block are shared between a row and its copy (``prefix_sharing``)
+where that is provably valid.
 
 A plan made right before the step's evaluation (``plan``) fixes the kind and checks that the
 webui's average is known: every entry of that kind covers the whole image at every step with one
@@ -137,6 +139,52 @@ def make_rows_attn1_replace(sigma: float, attention: Callable) -> Callable:
     return seg_rows_attention
 
 
+class Attn1Rows:
+    """UNets: an attn1 replace patch on the smoothed blocks, in the enlarged call's options only."""
+
+    def __init__(self, sigma: float, keys: Sequence[tuple[str, int]], attention: Callable):
+        self.keys = list(keys)
+        self.patch = make_rows_attn1_replace(sigma, attention)
+
+    def foreign(self, transformer_options: dict) -> str | None:
+        foreign = foreign_attn1_replace(transformer_options, self.keys)
+        return (
+            None
+            if foreign is None
+            else f"another extension replaces the attention of a smoothed block {foreign}"
+        )
+
+    def options(self, transformer_options: dict, first: int) -> dict:
+        options = dict(transformer_options)
+        replace = dict(options.get("patches_replace", {}))
+        attn1 = dict(replace.get("attn1", {}))
+        attn1.update(dict.fromkeys(self.keys, self.patch))
+        replace["attn1"] = attn1
+        options["patches_replace"] = replace
+        options[ROWS_KEY] = first
+        return options
+
+    def smoothed(self, first: int):
+        return contextlib.nullcontext()
+
+
+class TransformerRows:
+    """Diffusion transformers: SEG's kernel wrapper (``transformers.TransformerSmoothing``), in
+    place during the enlarged call, blurs the rows from the first copy on."""
+
+    def __init__(self, smoothing):
+        self.smoothing = smoothing
+
+    def foreign(self, transformer_options: dict) -> str | None:
+        return None
+
+    def options(self, transformer_options: dict, first: int) -> dict:
+        return transformer_options
+
+    def smoothed(self, first: int) -> contextlib.AbstractContextManager:
+        return self.smoothing.rows_smoothed(first)
+
+
 @dataclass
 class StepPlan:
     """One step's smoothed rows: which kind is copied, and what came back."""
@@ -158,17 +206,14 @@ class SharedBatch:
 
     def __init__(
         self,
-        sigma: float,
-        keys: Sequence[tuple[str, int]],
-        attention: Callable,
+        rows: Attn1Rows | TransformerRows,
         fits: Callable[[object, list, torch.device], bool],
         prefix=None,
         note: Callable[[str], None] | None = None,
     ):
-        self.patch = make_rows_attn1_replace(sigma, attention)
-        self.keys = list(keys)
+        self.rows = rows
         self.fits = fits
-        self.prefix = prefix  # forge_prefix.ForgePrefixSharing or None
+        self.prefix = prefix  # prefix_sharing.PrefixSharing or None
         self.note = note or (lambda message: log.info("SEG: %s", message))
         self.plan: StepPlan | None = None
         self.wrapper: Callable | None = None  # the model_function_wrapper installed with this pass
@@ -194,9 +239,9 @@ class SharedBatch:
         source = smoothed_source(branch, bool(uncond))
         entries = uncond if source == BRANCH_UNCOND else cond
         reason = why_not_plain(entries or [])
-        foreign = foreign_attn1_replace(model_options.get("transformer_options", {}), self.keys)
+        foreign = self.rows.foreign(model_options.get("transformer_options", {}))
         if foreign is not None:
-            reason = f"another extension replaces the attention of a smoothed block {foreign}"
+            reason = foreign
         if not entries or reason is not None:
             self._note_once(f"{reason}: the smoothed rows are evaluated separately")
             return
@@ -270,13 +315,7 @@ class SharedBatch:
 
     def _options(self, c: dict, order: list[int], kinds: list, chunk_rows: int, first: int) -> dict:
         options = options_for_chunks(c.get("transformer_options", {}), order, kinds, chunk_rows)
-        replace = dict(options.get("patches_replace", {}))
-        attn1 = dict(replace.get("attn1", {}))
-        attn1.update(dict.fromkeys(self.keys, self.patch))
-        replace["attn1"] = attn1
-        options["patches_replace"] = replace
-        options[ROWS_KEY] = first
-        return options
+        return self.rows.options(options, first)
 
     def _enlarged_call(self, plan, apply_model, x, timestep, c, kinds, sources, rows):
         batch = x.shape[0]
@@ -287,12 +326,12 @@ class SharedBatch:
         enlarged["transformer_options"] = options
         prefix = self.prefix
         sharing = prefix.sharing(batch, rows, options) if prefix is not None else contextlib.nullcontext()
-        with sharing as shared:
+        with sharing as shared, self.rows.smoothed(batch):
             out = apply_model(append_rows(x, rows, batch), append_rows(timestep, rows, batch), **enlarged)
         plan.paths.add(PATH_SHARED_PREFIX if shared else PATH_ONE_CALL)
         if prefix is not None and not shared and prefix.reason is None:
             why = prefix.why_not(options) or "a call inside another"
-            self._note_once(f"no UNet blocks shared with the smoothed rows: {why}")
+            self._note_once(f"no blocks shared with the smoothed rows: {why}")
         return out
 
     def _own_calls(self, plan, apply_model, x, timestep, c, kinds, sources) -> list[torch.Tensor]:
@@ -308,7 +347,8 @@ class SharedBatch:
             own = {key: value if key in ("transformer_options", "control_model") else
                    select_rows(value, rows, batch) for key, value in c.items()}  # fmt: skip
             own["transformer_options"] = options
-            out = apply_model(select_rows(x, rows, batch), select_rows(timestep, rows, batch), **own)
+            with self.rows.smoothed(0):
+                out = apply_model(select_rows(x, rows, batch), select_rows(timestep, rows, batch), **own)
             outputs.extend(out.chunk(len(group)))
         return outputs
 

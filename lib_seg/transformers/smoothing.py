@@ -5,7 +5,10 @@ before the attention kernel, i.e. after the QK-norm and after RoPE: the logits a
 ``q_rope · k_rope``, and Prop. 3.1 (blurring the logits along the query axis = blurring the
 queries) holds for what is multiplied. Text queries, tokens after the image (reference images,
 padding), keys and values are untouched. A video's frames are blurred each over its own grid.
-The webui's kernels are handed in as ``KernelSlot`` s (``backends/forge.py`` finds them)."""
+The webui's kernels are handed in as ``KernelSlot`` s (``backends/forge.py`` finds them).
+
+In a separate evaluation every row of the call is smoothed; when SEG's smoothed rows ride in the
+webui's own call (``backends/shared_batch``), only the rows from the first copy on are."""
 
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import torch
 from torch import nn
 
 from ..blur import blur_queries, is_identity_sigma
-from .family import CallLayout, Family
+from .family import CallLayout, Family, latent_of
 
 
 @dataclass(frozen=True)
@@ -47,25 +50,35 @@ class TransformerSmoothing:
         self.slots = _unique(slots)
         self.sigma = float(sigma)
         self.layout: CallLayout | None = None
+        self.rows = 0  # the batch rows of the model call being run
+        self.first_row = 0  # rows before it are the webui's own: never blurred
         self._inside = 0
         self.blurred_calls = 0
 
     def evaluate(self, evaluate: Callable, args: dict, conds) -> torch.Tensor:
         """The smoothed prediction for ``conds`` through the webui's batch evaluator."""
-        blurred_before = self.blurred_calls
-        with self.applied():
+        with self.rows_smoothed(0):
             options = args["model_options"]
-            smoothed = evaluate(args["model"], conds, None, args["input"], args["sigma"], options)[0]
-        if self.blurred_calls == blurred_before:  # e.g. blocks run as copies (offloading) or fused
+            return evaluate(args["model"], conds, None, args["input"], args["sigma"], options)[0]
+
+    @contextlib.contextmanager
+    def rows_smoothed(self, first_row: int) -> Iterator[None]:
+        """Within: the model calls smooth their rows from ``first_row`` on; RuntimeError on exit
+        when none of them reached the kernel (e.g. blocks run as copies by an offloader, or
+        fused)."""
+        blurred_before = self.blurred_calls
+        with self.applied(first_row):
+            yield
+        if self.blurred_calls == blurred_before:
             raise RuntimeError(f"the chosen blocks' attention never reached the kernel SEG wraps (this "
                                f"{self.family.name} model runs its blocks or attention another "
                                "way)")  # fmt: skip
-        return smoothed
 
     @contextlib.contextmanager
-    def applied(self) -> Iterator[None]:
+    def applied(self, first_row: int = 0) -> Iterator[None]:
         handles = []
         originals: list[tuple[KernelSlot, object]] = []
+        self.first_row = first_row
         try:
             handles.append(self.model.register_forward_pre_hook(self._read_call, with_kwargs=True))
             for scope in self.scopes:
@@ -83,10 +96,12 @@ class TransformerSmoothing:
                 handle.remove()
             self._inside = 0
             self.layout = None
+            self.rows = self.first_row = 0
 
     # -- hooks ---------------------------------------------------------------------------------
     def _read_call(self, module, args, kwargs):
         self.layout = self.family.layout(module, args, kwargs)
+        self.rows = int(latent_of(args, kwargs).shape[0])
 
     def _enter(self, module, args):
         self._inside += 1
@@ -116,6 +131,16 @@ class TransformerSmoothing:
         self.blurred_calls += 1
         if is_identity_sigma(self.sigma):
             return q
+        first = self.first_row
+        if first:
+            if q.shape[0] != self.rows:
+                raise ValueError(f"attention queries arrive as {q.shape[0]} rows for a call of "
+                                 f"{self.rows}; SEG cannot tell its rows apart")  # fmt: skip
+            return torch.cat((q[:first], self._blur_span(q[first:], start, image, tokens)))
+        return self._blur_span(q, start, image, tokens)
+
+    def _blur_span(self, q: torch.Tensor, start: int, image: int, tokens: int) -> torch.Tensor:
+        layout = self.layout
         span = q[..., start : start + image, :]
         frames = span.reshape(*span.shape[:-2], layout.frames, layout.height * layout.width, span.shape[-1])
         blurred = blur_queries(frames, layout.height, layout.width, self.sigma).reshape(span.shape)

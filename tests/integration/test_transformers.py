@@ -53,9 +53,13 @@ def transformer(request, webui):
 def test_off_is_bit_identical_and_on_guides(transformer):
     plain = generate(transformer)
     assert generate(transformer, [False])["images"][0] == plain["images"][0]
+    start = len(transformer.log.read_text(errors="ignore")) if transformer.log is not None else 0
     on = generate(transformer, [True])
     assert "SEG scale: 3" in on["info"] and "SEG warning" not in on["info"], on["info"]
     assert pixels(on["images"][0]) != pixels(plain["images"][0])
+    if transformer.log is not None:  # the smoothed rows rode in Forge's call, the first blocks shared
+        log = transformer.log.read_text(errors="ignore")[start:]
+        assert f"guided evaluations (shared-prefix: {STEPS})" in log, log[-4000:]
 
 
 def test_infotext_round_trips(transformer):

@@ -8,8 +8,6 @@ import json
 
 import pytest
 
-from .conftest import LDM_PATCHED
-
 pytestmark = pytest.mark.webui
 
 TITLE = "smoothed energy guidance"
@@ -188,11 +186,10 @@ def test_hires_with_a_non_latent_upscaler_and_inpaint(webui, baseline):
 def test_the_log_names_the_evaluation_path(webui):
     if webui.log is None:
         pytest.skip("the webui's log is only known when the tests start the webui")
-    # SEG's rows ride in the webui's own model call everywhere; only A1111's and Forge's UNets call
-    # their blocks as modules, so there the blocks before the first smoothed one are shared
-    path = "one-call" if webui.backend == LDM_PATCHED else "shared-prefix"
+    # SEG's rows ride in the webui's own model call everywhere, the blocks before the first
+    # smoothed one shared (reForge and Forge Classic: hooked layer by layer)
     txt2img(webui, [True])
-    assert f"guided evaluations ({path}: 4)" in webui.log.read_text(errors="ignore")
+    assert "guided evaluations (shared-prefix: 4)" in webui.log.read_text(errors="ignore")
 
 
 def test_nothing_left_behind(webui, baseline):
