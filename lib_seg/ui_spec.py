@@ -37,38 +37,40 @@ class Control:
 
 CONTROLS = (
     Control("enabled", "accordion", TITLE,
-            "Guide every step away from a prediction made with blurred self-attention (no prompt needed)."),
+            "Each step is pushed away from a version of itself made with blurred attention: usually "
+            "crisper structure and more coherent images. Needs no prompt; works with or without CFG."),
     Control("scale", "slider", "SEG scale (γ)",
-            "Strength of the push away from the smoothed prediction. Paper and reference: 3. "
-            "0 turns SEG off.", minimum=SCALE_RANGE[0], maximum=SCALE_RANGE[1], step=0.1),
+            "How hard SEG pushes. Higher: stronger structure and contrast, until colours burn. "
+            "3 is the paper's value; 0 turns SEG off.",
+            minimum=SCALE_RANGE[0], maximum=SCALE_RANGE[1], step=0.1),
     Control("sigma", "dropdown", "Blur sigma (σ)",
-            "How far the attention queries are blurred, in latent tokens. inf = every query becomes "
-            "the mean (strongest; the paper's best FID). 10 is milder; the paper sweeps 1, 4, 16, inf. "
-            "Type any number ≥ 0 (≤ 1/6 changes nothing).", choices=SIGMA_CHOICES),
+            "How widely the attention is blurred, in cells of the layer's grid. Higher: stronger; inf "
+            "(the strongest, the paper's best) blurs over the whole image. Try 1, 4, 16 or inf; "
+            "a value near 0 changes nothing.", choices=SIGMA_CHOICES),
     Control("branch", "radio", "Smoothed branch",
-            "uncond: smooth the negative-prompt prediction (the paper, Eq. 10). cond: smooth the "
-            "positive prediction (the reference code). Steps without a negative pass always use cond.",
+            "Which prediction gets the blurred twin: uncond (the negative prompt's, as in the paper) "
+            "or cond (the prompt's, as in the authors' code). Steps without a negative prompt use cond.",
             advanced=True, choices=("uncond", "cond")),
     Control("layers", "textbox", "Blocks",
-            "Which blocks get smoothed self-attention. UNets (SD1/SD2/SDXL): middle (default, as the "
-            "paper), input 7-8, output 0-2, input, output or all. Transformers on Forge and Forge Neo: "
-            "double 7-9, single 0-37 (Flux, Chroma, Flux.2), joint 5-12 (SD3.5), block 10-12 (Qwen-Image, "
-            "Z-Image, Lumina-2, Wan and the other one-list models), all; there middle means the "
-            "model's default blocks. Separate with commas.", advanced=True),
+            "Where in the model the attention is blurred. middle (default) is the usual choice for "
+            "every model. Other blocks move the effect to coarser or finer detail: input 7-8, "
+            "output 0-2 or all on SD1/SDXL; double 7-9 on Flux, joint 7-9 on SD3.5, block 10-12 on "
+            "one-list models (Qwen-Image, Z-Image, Wan, ...). Separate with commas.", advanced=True),
     Control("start", "slider", "Start (fraction of steps)",
-            "SEG is active on step i of n when start ≤ i/n < end.", advanced=True,
-            minimum=0.0, maximum=1.0, step=0.01),
+            "SEG guides only the steps from start to end: 0 is the first step, 1 the end of "
+            "sampling. Guiding only the first half shapes composition and leaves fine detail alone.",
+            advanced=True, minimum=0.0, maximum=1.0, step=0.01),
     Control("end", "slider", "End (fraction of steps)",
-            "SEG is active on step i of n when start ≤ i/n < end.", advanced=True,
-            minimum=0.0, maximum=1.0, step=0.01),
+            "SEG stops guiding here (a fraction of the steps; 1 = until the last step).",
+            advanced=True, minimum=0.0, maximum=1.0, step=0.01),
     Control("hires", "radio", "Hires. fix pass",
-            "same: the second pass uses the settings above; off: no SEG there; custom: the two "
-            "settings below.", advanced=True, choices=HIRES_MODES),
+            "What SEG does in the hires. fix pass: the same settings as above, off, or custom (the "
+            "two settings below).", advanced=True, choices=HIRES_MODES),
     Control("hires_scale", "slider", "Hires SEG scale (γ)",
-            "SEG scale of the hires. fix pass when that pass is custom.", advanced=True,
+            "How hard SEG pushes in a custom hires. fix pass.", advanced=True,
             minimum=SCALE_RANGE[0], maximum=SCALE_RANGE[1], step=0.1),
     Control("hires_sigma", "dropdown", "Hires blur sigma (σ)",
-            "Blur sigma of the hires. fix pass when that pass is custom.", advanced=True,
+            "How widely the attention is blurred in a custom hires. fix pass.", advanced=True,
             choices=SIGMA_CHOICES),
 )  # fmt: skip
 

@@ -7,6 +7,7 @@ import gradio as gr
 from modules import script_callbacks, scripts, shared
 from modules.ui_components import InputAccordion
 
+from lib_seg import __version__
 from lib_seg.controller import SEGController
 from lib_seg.infotext import ENABLED_FIELD, paste_field_names, value_fields
 from lib_seg.params import SEGParamError, SEGParams
@@ -29,6 +30,7 @@ HOOKS_DISABLED = bool(getattr(shared.cmd_opts, "seg_disable", False))
 
 
 controller = SEGController(current_model=lambda: shared.sd_model)
+log.info("Smoothed Energy Guidance %s%s", __version__, " (off: --seg-disable)" if HOOKS_DISABLED else "")
 
 
 def default_params() -> SEGParams:

@@ -431,3 +431,19 @@ def test_the_path_log_reaches_a_webui_whose_root_logger_says_warning(monkeypatch
     sw.load_script(webui)
     seg_log.info("SEG: 1 guided evaluations (one-call: 1)")
     assert "guided evaluations (one-call: 1)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("path", ["shared-prefix", "separate"])
+def test_an_sd2_unet_equals_the_a1111_path(webui, monkeypatch, caplog, path):
+    """SD2's layout (linear projections, fixed head width, 1024-wide text) on each webui's UNet
+    layout: the same step as the A1111 code path on the same UNet."""
+    from unets import sd2_unet
+
+    unet = sd2_unet(model_channels=32, context_dim=CTX)
+    webui.shared.sd_model = webui.standin.forge_model(unet)
+    use_path(webui, monkeypatch, path)
+    cond, neg = conds(2, (4, 4)), conds(2, seed=9)
+    out, x, sigma, _ = one_step(webui, on(), cond, neg, 6.0, 2, caplog)
+    expected = reference(webui, unet, x, sigma, cond, neg, 6.0, 2.0, 3.0, "uncond")
+    torch.testing.assert_close(out, expected, atol=2e-4, rtol=1e-4)
+    assert paths_logged(caplog) == [f"SEG: 1 guided evaluations ({path}: 1)"]
