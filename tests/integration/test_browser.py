@@ -6,7 +6,7 @@ and it also needs the Python ``playwright`` package and a Chromium binary (defau
 here is skipped with the reason, before any webui is started.
 
 Set SEG_SCREENSHOT=path/to/file.png to also save a screenshot of the open SEG panel
-(docs/seg-panel.png is made that way, on A1111).
+(docs/seg-panel.png is made that way, on Forge).
 """
 
 from __future__ import annotations
@@ -461,7 +461,7 @@ def test_settings_section(page):
     assert shown == SETTINGS
     text = section.inner_text()
     for label in ("Default SEG scale", "Default blur sigma", "Default smoothed branch", "Default blocks",
-                  "webui's own model call", "Share the UNet blocks"):  # fmt: skip
+                  "webui's own model call", "Share the blocks before the first smoothed one"):  # fmt: skip
         assert label in text, f"Settings → Smoothed Energy Guidance lacks {label!r}"
 
 
