@@ -42,18 +42,18 @@ class TimestepEmbedSequential(nn.Sequential):
 
 
 class IntegratedUNet2DConditionModel(nn.Module):
-    def __init__(self, ldm_unet: nn.Module):
+    def __init__(self, ldm_unet: nn.Module, sequential: type[nn.Sequential] = TimestepEmbedSequential):
+        """The ldm UNet's layers, each block rebuilt as ``sequential`` (the webui's own block
+        class: ``tests/ldm_patched_nn`` passes ldm_patched's)."""
         super().__init__()
         self.model_channels = ldm_unet.model_channels
         self.num_classes = ldm_unet.num_classes
         self.time_embed = ldm_unet.time_embed
         if self.num_classes is not None:
             self.label_emb = ldm_unet.label_emb
-        self.input_blocks = nn.ModuleList(TimestepEmbedSequential(*block) for block in ldm_unet.input_blocks)
-        self.middle_block = TimestepEmbedSequential(*ldm_unet.middle_block)
-        self.output_blocks = nn.ModuleList(
-            TimestepEmbedSequential(*block) for block in ldm_unet.output_blocks
-        )
+        self.input_blocks = nn.ModuleList(sequential(*block) for block in ldm_unet.input_blocks)
+        self.middle_block = sequential(*ldm_unet.middle_block)
+        self.output_blocks = nn.ModuleList(sequential(*block) for block in ldm_unet.output_blocks)
         self.out = ldm_unet.out
 
     def forward(

@@ -20,7 +20,7 @@ transformer options, its ``Upsample`` an ``output_shape``): the calls below give
 from __future__ import annotations
 
 import torch
-from forge_nn.unet import apply_control
+from forge_nn.unet import IntegratedUNet2DConditionModel, apply_control
 from torch import nn
 
 
@@ -52,20 +52,11 @@ class TimestepEmbedSequential(nn.Sequential):
         return forward_timestep_embed(self, *args, **kwargs)
 
 
-class UNetModel(nn.Module):
+class UNetModel(IntegratedUNet2DConditionModel):
+    """The same layers as Forge's test UNet; the forward below is ldm_patched's."""
+
     def __init__(self, ldm_unet: nn.Module):
-        super().__init__()
-        self.model_channels = ldm_unet.model_channels
-        self.num_classes = ldm_unet.num_classes
-        self.time_embed = ldm_unet.time_embed
-        if self.num_classes is not None:
-            self.label_emb = ldm_unet.label_emb
-        self.input_blocks = nn.ModuleList(TimestepEmbedSequential(*block) for block in ldm_unet.input_blocks)
-        self.middle_block = TimestepEmbedSequential(*ldm_unet.middle_block)
-        self.output_blocks = nn.ModuleList(
-            TimestepEmbedSequential(*block) for block in ldm_unet.output_blocks
-        )
-        self.out = ldm_unet.out
+        super().__init__(ldm_unet, TimestepEmbedSequential)
 
     def forward(self, x, timesteps=None, context=None, y=None, control=None, transformer_options=None,
                 **kwargs):  # fmt: skip
