@@ -285,6 +285,16 @@ def load_script(webui) -> types.ModuleType:
     return module
 
 
+def attach_script(webui):
+    """Load the script into ``webui`` and build its UI as the webui does at start-up: sets
+    ``script_module``, ``controller``, ``script`` and ``components`` on ``webui``."""
+    webui.script_module = load_script(webui)
+    webui.controller = webui.script_module.controller
+    webui.script = webui.script_module.SmoothedEnergyGuidanceScript()
+    webui.components = webui.script.ui(False)
+    return webui
+
+
 # ------------------------------------------------------------------------- model and sampling
 class Composable:
     """prompt_parser.ComposableScheduledPromptConditioning: one AND part and its weight."""

@@ -43,9 +43,7 @@ def shared_unet():
 def webui(monkeypatch, shared_unet):
     ui = sw.install(monkeypatch)
     ui.shared.sd_model = make_model(shared_unet)
-    ui.script_module = sw.load_script(ui)
-    ui.script = ui.script_module.SmoothedEnergyGuidanceScript()
-    ui.components = ui.script.ui(False)
+    sw.attach_script(ui)
     yield ui
     assert not ui.callbacks.errors, ui.callbacks.errors
     assert_no_hooks(ui.shared.sd_model.model.diffusion_model)

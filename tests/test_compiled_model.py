@@ -36,9 +36,7 @@ def compile_like_neo(kmodel, rows):
 def webui(monkeypatch):
     ui = sw.install(monkeypatch)
     ui.nn = st.install(monkeypatch)
-    ui.script_module = sw.load_script(ui)
-    ui.script = ui.script_module.SmoothedEnergyGuidanceScript()
-    ui.script.ui(False)
+    sw.attach_script(ui)
     yield ui
     assert not ui.callbacks.errors, ui.callbacks.errors
 

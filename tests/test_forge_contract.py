@@ -41,9 +41,7 @@ def forge(request, monkeypatch, unet):
     standin.install(monkeypatch)
     ui.backend, ui.standin, ui.sampling_function = request.param, standin, sampling_function
     ui.shared.sd_model = standin.forge_model(unet)
-    ui.script_module = sw.load_script(ui)
-    ui.script = ui.script_module.SmoothedEnergyGuidanceScript()
-    ui.script.ui(False)
+    sw.attach_script(ui)
     yield ui
     assert not ui.callbacks.errors, ui.callbacks.errors
     patcher = ui.shared.sd_model.forge_objects_after_applying_lora.unet

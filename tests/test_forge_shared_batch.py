@@ -44,10 +44,7 @@ def webui(request, monkeypatch, unet):
     ui.name, ui.standin = name, standin
     ui.sampling_function = sf.sampling_function_inner if name == "forge" else sl.sampling_function
     ui.shared.sd_model = standin.forge_model(unet)
-    ui.script_module = sw.load_script(ui)
-    ui.controller = ui.script_module.controller
-    ui.script = ui.script_module.SmoothedEnergyGuidanceScript()
-    ui.script.ui(False)
+    sw.attach_script(ui)
     yield ui
     assert not ui.callbacks.errors, ui.callbacks.errors
     patcher = ui.shared.sd_model.forge_objects_after_applying_lora.unet

@@ -23,9 +23,7 @@ FAMILIES = ("flux", "flux-schnell", "chroma", "sd3")
 def webui(monkeypatch):
     ui = sw.install(monkeypatch)
     ui.nn = st.install(monkeypatch)
-    ui.script_module = sw.load_script(ui)
-    ui.script = ui.script_module.SmoothedEnergyGuidanceScript()
-    ui.script.ui(False)
+    sw.attach_script(ui)
     yield ui
     assert not ui.callbacks.errors, ui.callbacks.errors
 

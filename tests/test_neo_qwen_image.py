@@ -214,9 +214,7 @@ def test_blocks_middle_all_missing_and_words(qwen):
 def webui(monkeypatch):
     ui = sw.install(monkeypatch)
     ui.qwen = sn.install(monkeypatch, names=("qwen",))["qwen"]
-    ui.script_module = sw.load_script(ui)
-    ui.script = ui.script_module.SmoothedEnergyGuidanceScript()
-    ui.script.ui(False)
+    sw.attach_script(ui)
     yield ui
     assert not ui.callbacks.errors, ui.callbacks.errors
 

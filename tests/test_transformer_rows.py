@@ -49,9 +49,7 @@ def webui(monkeypatch):
     forge_modules = st.install(monkeypatch)
     neo_modules = neo.install(monkeypatch)
     ui.surfaces = {**{name: ForgeSurface(forge_modules, name) for name in FORGE_NAMES}, **neo_modules}
-    ui.script_module = sw.load_script(ui)
-    ui.script = ui.script_module.SmoothedEnergyGuidanceScript()
-    ui.script.ui(False)
+    sw.attach_script(ui)
     yield ui
     assert not ui.callbacks.errors, ui.callbacks.errors
 
