@@ -26,9 +26,9 @@ from torch import nn
 from . import transformers
 from .backends import A1111, backend_of, patcher_backend_of, unet_patcher_of
 from .backends.a1111.cfg_step import CFGStepGuidance, PassSettings
-from .backends.model_patcher import Attn1Smoothing, ForgeGuidance, ForgePass, patch_keys
-from .backends.prefix_sharing import transformer_prefix
-from .backends.shared_batch import Attn1Rows, SharedBatch, TransformerRows
+from .backends.model_patcher.guidance import Attn1Smoothing, GuidedPass, PatcherGuidance, patch_keys
+from .backends.model_patcher.prefix_sharing import transformer_prefix
+from .backends.model_patcher.shared_batch import Attn1Rows, SharedBatch, TransformerRows
 from .layers import resolve_attn1
 from .params import (
     INFOTEXT_KEYS,
@@ -99,7 +99,7 @@ class SEGController:
         # smoothed layer), else in one extra evaluation. Both off = always the extra evaluation.
         self.one_call = True
         self.share_prefix = True
-        self.guidance: CFGStepGuidance | ForgeGuidance | None = None
+        self.guidance: CFGStepGuidance | PatcherGuidance | None = None
         self.pass_p = None
 
     # -- reporting -----------------------------------------------------------------------------
@@ -252,8 +252,8 @@ class SEGController:
             batched = SharedBatch(rows, webui.fits, prefix) if self.one_call else None
             if prefix is not None and prefix.reason is not None:
                 log.info("SEG: no blocks shared with the smoothed rows: %s", prefix.reason)
-            forge_pass = ForgePass(scale, sigma, params.branch, params.start, params.end)
-            guidance = ForgeGuidance(forge_pass, webui.evaluate, smoothing, warn=warn, batched=batched,
+            forge_pass = GuidedPass(scale, sigma, params.branch, params.start, params.end)
+            guidance = PatcherGuidance(forge_pass, webui.evaluate, smoothing, warn=warn, batched=batched,
                                      calc_cond_batch=webui.calc_cond_batch)  # fmt: skip
             guidance.install(sd_model)
             self.guidance = guidance
@@ -279,13 +279,13 @@ class SEGController:
         self.pass_p = None
 
     # -- CFG denoiser callbacks ------------------------------------------------------------------
-    def _guidance_for(self, denoiser) -> CFGStepGuidance | ForgeGuidance | None:
+    def _guidance_for(self, denoiser) -> CFGStepGuidance | PatcherGuidance | None:
         guidance = self.guidance
         if guidance is None:
             return None
         if denoiser is not None and getattr(denoiser, "p", self.pass_p) is not self.pass_p:
             return None  # another processing object (e.g. a nested generation) is sampling
-        if isinstance(guidance, ForgeGuidance):
+        if isinstance(guidance, PatcherGuidance):
             return guidance
         unet = find_unet(self.current_model())
         if unet is not None and unet is not guidance.settings.unet:  # refiner switch
@@ -300,7 +300,7 @@ class SEGController:
 
     def on_cfg_denoiser(self, params) -> None:
         guidance = self._guidance_for(params.denoiser)
-        if isinstance(guidance, ForgeGuidance):
+        if isinstance(guidance, PatcherGuidance):
             guidance.on_denoiser(params.sampling_step, params.total_sampling_steps)
         elif guidance is not None:
             guidance.on_denoiser(params)

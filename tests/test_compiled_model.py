@@ -13,7 +13,7 @@ import torch
 from unets import sd1_unet
 
 from lib_seg import SEGParams
-from lib_seg.backends.compiled import eager, is_compiled
+from lib_seg.backends.model_patcher.compiled import eager, is_compiled
 
 
 def compile_like_neo(kmodel, rows):

@@ -16,7 +16,7 @@ from unets import sd1_unet
 
 from lib_seg import SEGParams, parse_layers, resolve_attn1
 from lib_seg.backends.a1111.patch import QueryBlurPatch
-from lib_seg.backends.model_patcher import MARKER, patch_keys, with_attn1_replace
+from lib_seg.backends.model_patcher.guidance import MARKER, patch_keys, with_attn1_replace
 
 CTX = 32
 LATENT = (16, 24)
@@ -291,7 +291,7 @@ def test_patch_keys_and_options_copy(unet):
 
 def test_same_parameters_same_smoothed_prediction_on_both_webuis(unet):
     """The A1111 path (to_q hook) and the Forge path (attn1 replace) blur the same queries."""
-    from lib_seg.backends.model_patcher import make_attn1_replace
+    from lib_seg.backends.model_patcher.guidance import make_attn1_replace
 
     x = torch.randn(2, 4, *LATENT)
     sigma = torch.full((2,), 2.0)
@@ -332,7 +332,7 @@ def test_out_of_memory_in_the_extra_pass_skips_only_that_step(forge, monkeypatch
 
 
 def test_tiled_queries_are_refused_not_matched_to_another_level():
-    from lib_seg.backends.model_patcher import make_attn1_replace
+    from lib_seg.backends.model_patcher.guidance import make_attn1_replace
 
     replace = make_attn1_replace(math.inf, sf.attention_function)
     q = torch.randn(4, 96, 16)  # 1 image of 16x24 tokens cut into 4 tiles of 96 = the 8x12 level

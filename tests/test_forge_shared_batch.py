@@ -18,10 +18,10 @@ import torch
 from unets import sd1_unet
 
 from lib_seg import SEGParams, parse_layers, resolve_attn1
-from lib_seg.backends import shared_batch
 from lib_seg.backends.a1111.patch import QueryBlurPatch
-from lib_seg.backends.model_patcher import MARKER
-from lib_seg.backends.prefix_sharing import forge_unet_prefix, ldm_patched_unet_prefix
+from lib_seg.backends.model_patcher import shared_batch
+from lib_seg.backends.model_patcher.guidance import MARKER
+from lib_seg.backends.model_patcher.prefix_sharing import forge_unet_prefix, ldm_patched_unet_prefix
 
 CTX = 32
 LATENT = (16, 24)
@@ -407,7 +407,7 @@ def test_the_rows_patch_blurs_only_the_copies():
 def test_marked_functions_survive_the_patchers_deep_copy():
     import copy
 
-    from lib_seg.backends.model_patcher import _marked
+    from lib_seg.backends.model_patcher.guidance import _marked
 
     function = _marked(lambda: 1)
     assert copy.deepcopy({"f": function})["f"] is function and hasattr(function, MARKER)

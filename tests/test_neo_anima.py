@@ -13,7 +13,7 @@ from transformer_checks import smoothing_for
 from unets import sd1_unet
 
 from lib_seg import blur_queries, parse_layers, transformers
-from lib_seg.backends import forge
+from lib_seg.backends.model_patcher import forge
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import torch
 from transformer_checks import smoothing_for
 
 from lib_seg import blur_queries, parse_layers, transformers
-from lib_seg.backends import forge
+from lib_seg.backends.model_patcher import forge
 
 # Neo's Flux.1 (dev, Kontext, Krea-1) from the same class: per-block modulation, 2×2 patches,
 # three RoPE axes, a pooled vector and the distilled guidance value, Kontext's offset references

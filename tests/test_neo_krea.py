@@ -12,7 +12,7 @@ import torch
 from transformer_checks import smoothing_for
 
 from lib_seg import blur_queries, parse_layers, transformers
-from lib_seg.backends import forge
+from lib_seg.backends.model_patcher import forge
 
 
 @pytest.fixture

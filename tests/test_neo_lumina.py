@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lib_seg import blur_queries, parse_layers, transformers
-from lib_seg.backends import forge
+from lib_seg.backends.model_patcher import forge
 
 VARIANTS = ("Z-Image", "Lumina 2")
 

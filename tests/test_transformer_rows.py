@@ -242,7 +242,7 @@ def test_the_rows_a_shared_block_gets_are_found_in_what_transformers_hand_their_
     import collections
     import dataclasses
 
-    from lib_seg.backends.prefix_sharing import map_tensors
+    from lib_seg.backends.model_patcher.prefix_sharing import map_tensors
 
     @dataclasses.dataclass
     class Modulation:

@@ -4,7 +4,7 @@ way the script builds it (kernels looked up from the chosen blocks' self-attenti
 from __future__ import annotations
 
 from lib_seg import parse_layers, transformers
-from lib_seg.backends import forge
+from lib_seg.backends.model_patcher import forge
 
 
 def smoothing_for(model, layers: str, sigma: float):

@@ -18,7 +18,7 @@ folder name, so one install serves every webui and a model switch mid-session is
 
 from __future__ import annotations
 
-from . import forge, ldm_patched
+from .model_patcher import forge, ldm_patched
 
 A1111 = "a1111"
 PATCHER_BACKENDS = (forge, ldm_patched)

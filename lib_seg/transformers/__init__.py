@@ -4,7 +4,7 @@ inside one smoothed evaluation. ``docs/transformers.md`` has the method and its 
 
 Adding a family: write ``<family>.py`` with a ``Family`` subclass instance and put it in
 ``FAMILIES`` below (more specific families first: the first whose ``matches`` is true wins). The
-webui's kernel for it is found by that webui's backend (``backends/forge.py``)."""
+webui's kernel for it is found by that webui's backend (``backends/model_patcher/forge.py``)."""
 
 from __future__ import annotations
 

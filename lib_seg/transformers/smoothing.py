@@ -5,7 +5,7 @@ before the attention kernel, i.e. after the QK-norm and after RoPE: the logits a
 ``q_rope · k_rope``, and Prop. 3.1 (blurring the logits along the query axis = blurring the
 queries) holds for what is multiplied. Text queries, tokens after the image (reference images,
 padding), keys and values are untouched. A video's frames are blurred each over its own grid.
-The webui's kernels are handed in as ``KernelSlot`` s (``backends/forge.py`` finds them).
+The webui's kernels are handed in as ``KernelSlot`` s (``backends/model_patcher/forge.py`` finds them).
 
 In a separate evaluation every row of the call is smoothed; when SEG's smoothed rows ride in the
 webui's own call (``backends/shared_batch``), only the rows from the first copy on are."""

@@ -37,11 +37,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..blur import blur_queries
-from ..grid import token_grid
-from ..guidance import BRANCH_UNCOND, smoothed_source
-from ..memory import free_cached_memory, is_out_of_memory
-from .batch_rows import select_rows
+from ...blur import blur_queries
+from ...grid import token_grid
+from ...guidance import BRANCH_UNCOND, smoothed_source
+from ...memory import free_cached_memory, is_out_of_memory
+from ..batch_rows import select_rows
 from .compiled import is_compiled
 
 log = logging.getLogger("sd_webui_seg")

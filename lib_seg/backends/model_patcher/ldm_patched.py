@@ -28,12 +28,12 @@ PACKAGE = "ldm_patched"  # the top-level package its patcher classes live in
 
 
 def entry_points():
-    """The ``model_patcher.WebuiFunctions`` of reForge or Forge Classic."""
+    """The ``model_patcher.HostFunctions`` of reForge or Forge Classic."""
     import ldm_patched.ldm.modules.attention as attention_module
     import ldm_patched.modules.model_management as model_management
     import ldm_patched.modules.samplers as samplers
 
-    from .model_patcher import WebuiFunctions
+    from .guidance import HostFunctions
     from .prefix_sharing import ldm_patched_unet_prefix
 
     calc_cond_batch = getattr(samplers, "calc_cond_batch", None)
@@ -59,7 +59,7 @@ def entry_points():
             return function(q, k, v, heads, attn_precision=attn_precision)
         return function(q, k, v, heads)
 
-    return WebuiFunctions(evaluate, attention, fits, calc_cond_batch=calc_cond_batch,
+    return HostFunctions(evaluate, attention, fits, calc_cond_batch=calc_cond_batch,
                           unet_prefix=ldm_patched_unet_prefix)  # fmt: skip
 
 

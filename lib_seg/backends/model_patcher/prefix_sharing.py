@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..layers import blocks_before
+from ...layers import blocks_before
 
 FORGE_UNET_FORWARDS = ("IntegratedUNet2DConditionModel.forward",)
 # reForge: forward hands the call to its wrapper executor, which runs _forward

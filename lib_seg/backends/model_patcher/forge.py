@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from ..transformers import KernelSlot
+from ...transformers import KernelSlot
 
 NAME = "forge"
 PACKAGE = "backend"  # the top-level package its patcher classes live in
@@ -41,19 +41,19 @@ DEFAULT_KERNEL_PATH = ("attention_function",)
 
 
 def entry_points():
-    """The ``model_patcher.WebuiFunctions`` of Forge."""
+    """The ``model_patcher.HostFunctions`` of Forge."""
     from backend import memory_management
     from backend.attention import attention_function
     from backend.sampling.sampling_function import calc_cond_uncond_batch
 
-    from .model_patcher import WebuiFunctions
+    from .guidance import HostFunctions
     from .prefix_sharing import forge_unet_prefix
 
     def fits(model, input_shape, device) -> bool:
         # calc_cond_uncond_batch's own test for the rows of one call
         return model.memory_required(input_shape) < memory_management.get_free_memory(device)
 
-    return WebuiFunctions(calc_cond_uncond_batch, attention_function, fits, unet_prefix=forge_unet_prefix)
+    return HostFunctions(calc_cond_uncond_batch, attention_function, fits, unet_prefix=forge_unet_prefix)
 
 
 def transformer_kernels(family_name: str, modules: Sequence[nn.Module]) -> list[KernelSlot]:

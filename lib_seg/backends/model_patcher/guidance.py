@@ -34,12 +34,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..blur import blur_queries
-from ..grid import token_grid
-from ..guidance import BRANCH_UNCOND, seg_term, smoothed_source
-from ..layers import INPUT, MIDDLE, OUTPUT
-from ..memory import free_cached_memory, is_out_of_memory
-from ..schedule import is_active_step
+from ...blur import blur_queries
+from ...grid import token_grid
+from ...guidance import BRANCH_UNCOND, seg_term, smoothed_source
+from ...layers import INPUT, MIDDLE, OUTPUT
+from ...memory import free_cached_memory, is_out_of_memory
+from ...schedule import is_active_step
 from .compiled import eager
 from .shared_batch import PATH_SEPARATE, SharedBatch
 
@@ -114,7 +114,7 @@ class Attn1Smoothing:
 
 
 @dataclass
-class WebuiFunctions:
+class HostFunctions:
     """What SEG calls in a Forge-family webui."""
 
     evaluate: Callable  # calc_cond_uncond_batch(model, cond, uncond, x, sigma, model_options)
@@ -130,7 +130,7 @@ class WebuiFunctions:
 
 
 @dataclass
-class ForgePass:
+class GuidedPass:
     scale: float
     sigma: float
     branch: str
@@ -138,12 +138,12 @@ class ForgePass:
     end: float
 
 
-class ForgeGuidance:
+class PatcherGuidance:
     """SEG for one Forge sampling pass: the post-CFG function and the step it is on."""
 
     def __init__(
         self,
-        settings: ForgePass,
+        settings: GuidedPass,
         evaluate: Callable,
         smoothing,
         warn: Callable[[str], None] | None = None,
