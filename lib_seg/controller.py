@@ -26,10 +26,7 @@ from torch import nn
 from . import transformers
 from .backends import A1111, backend_of, patcher_backend_of, unet_patcher_of
 from .backends.a1111.cfg_step import CFGStepGuidance, PassSettings
-from .backends.model_patcher.guidance import Attn1Smoothing, GuidedPass, PatcherGuidance, patch_keys
-from .backends.model_patcher.prefix_sharing import transformer_prefix
-from .backends.model_patcher.shared_batch import Attn1Rows, SharedBatch, TransformerRows
-from .layers import resolve_attn1
+from .backends.model_patcher.guidance import GuidedPass, PatcherGuidance, build_guidance, target_scopes
 from .params import (
     INFOTEXT_KEYS,
     INFOTEXT_WARNING_KEY,
@@ -38,6 +35,7 @@ from .params import (
     parse_bool,
     values_from_args,
 )
+from .target import Target, transformer_target, unet_target, unknown_model_message
 from .xyz_axes import overrides_of
 
 log = logging.getLogger("sd_webui_seg")
@@ -69,18 +67,6 @@ def find_transformer(sd_model) -> tuple[transformers.Family, nn.Module] | None:
     model = getattr(getattr(patcher, "model", None), "diffusion_model", None)
     family = transformers.family_of(model)
     return (family, model) if family is not None else None
-
-
-@dataclass
-class Target:
-    """What SEG smooths in the loaded model: UNet attn1 layers, or transformer blocks."""
-
-    names: list[str]
-    unet: nn.Module | None = None
-    attn1_modules: list[nn.Module] = field(default_factory=list)
-    family: transformers.Family | None = None
-    transformer: nn.Module | None = None
-    blocks: list[nn.Module] = field(default_factory=list)
 
 
 @dataclass
@@ -166,20 +152,14 @@ class SEGController:
             if backend_of(sd_model) is None:
                 self.report(p, run, unknown_patcher_message(sd_model))
                 return None
-            matched = resolve_attn1(unet, params.selection)
-            if not matched:
-                names_dit = params.selection.names_transformer_blocks()
-                hint = " (double/single/joint name transformer blocks)" if names_dit else ""
-                self.report(p, run, f"SEG layers '{params.layers}' match no self-attention in this "
-                            f"UNet{hint}; generated without SEG")  # fmt: skip
+            target = unet_target(unet, params)
+            if isinstance(target, str):
+                self.report(p, run, target)
                 return None
-            return Target([name for name, _ in matched], unet=unet, attn1_modules=[m for _, m in matched])
+            return target
         transformer = find_transformer(sd_model)
         if transformer is None:
-            known = ", ".join(family.name for family in transformers.FAMILIES)
-            self.report(p, run, "SEG: this model has no SD1/SD2/SDXL UNet self-attention nor a "
-                        f"transformer SEG knows ({known}; Forge and Forge Neo) to smooth; generated "
-                        "without SEG")  # fmt: skip
+            self.report(p, run, unknown_model_message("Forge and Forge Neo"))
             return None
         family, model = transformer
         backend = patcher_backend_of(unet_patcher_of(sd_model))
@@ -190,22 +170,10 @@ class SEGController:
             self.report(p, run, f"SEG: {family.name} models are supported on Forge (backend/) only; "
                         "generated without SEG")  # fmt: skip
             return None
-        try:
-            chosen, missing = transformers.resolve_blocks(model, family, params.selection)
-            has = transformers.describe_blocks(model, family)
-        except Exception as error:  # a webui release that moved the block lists: fail soft
-            self.report(p, run, f"SEG: this {family.name} model's blocks are not laid out as SEG knows "
-                        f"({error}); generated without SEG")  # fmt: skip
-            return None
-        if not chosen:
-            self.report(p, run, f"SEG blocks '{params.layers}' match no block of this {family.name} model "
-                        f"({has}); generated without SEG")  # fmt: skip
-            return None
-        if missing and announce:
-            self.report(p, run, f"SEG: this {family.name} model has no {', '.join(missing)} ({has}); "
-                        "smoothing the other blocks")  # fmt: skip
-        return Target([name for name, _ in chosen], family=family, transformer=model,
-                      blocks=[block for _, block in chosen])  # fmt: skip
+        target, notes = transformer_target(model, family, params)
+        for note in notes if (announce or target is None) else ():
+            self.report(p, run, note)
+        return target
 
     def _install(self, p, run: Run, scale: float, sigma: float) -> None:
         sd_model = self.current_model()
@@ -226,35 +194,15 @@ class SEGController:
                 self.report(p, run, f"SEG: this webui's sampling functions are not where SEG looks "
                             f"({error}); generated without SEG")  # fmt: skip
                 return
-            prefix = None
-            if unet is not None:
-                keys = patch_keys(target.names)
-                smoothing = Attn1Smoothing(keys, sigma, webui.attention)
-                rows = Attn1Rows(sigma, keys, webui.attention)
-                if self.one_call and self.share_prefix and webui.unet_prefix is not None:
-                    prefix = webui.unet_prefix(unet, target.attn1_modules)
-            else:
+            kernels = None
+            if unet is None:
                 try:
-                    # the kernel the self-attention modules call (Nunchaku's swapped-in attention
-                    # classes call their own module's kernel, not the block's)
-                    family = target.family
-                    scopes = [scope for block in target.blocks for scope in family.attention_scopes(block)]
-                    slots = backend.transformer_kernels(target.family.name, scopes)
+                    kernels = backend.transformer_kernels(target.family.name, target_scopes(target))
                 except LookupError as error:
                     self.report(p, run, f"SEG: {error}; generated without SEG")
                     return
-                smoothing = transformers.TransformerSmoothing(target.transformer, target.family,
-                                                              target.blocks, slots, sigma)  # fmt: skip
-                rows = TransformerRows(smoothing)
-                if self.one_call and self.share_prefix:
-                    lists = transformers.block_lists(target.transformer, target.family).values()
-                    prefix = transformer_prefix(list(lists), target.blocks)
-            batched = SharedBatch(rows, webui.fits, prefix) if self.one_call else None
-            if prefix is not None and prefix.reason is not None:
-                log.info("SEG: no blocks shared with the smoothed rows: %s", prefix.reason)
-            forge_pass = GuidedPass(scale, sigma, params.branch, params.start, params.end)
-            guidance = PatcherGuidance(forge_pass, webui.evaluate, smoothing, warn=warn, batched=batched,
-                                     calc_cond_batch=webui.calc_cond_batch)  # fmt: skip
+            guided = GuidedPass(scale, sigma, params.branch, params.start, params.end)
+            guidance = build_guidance(target, webui, kernels, guided, warn, self.one_call, self.share_prefix)
             guidance.install(sd_model)
             self.guidance = guidance
         else:

@@ -51,6 +51,7 @@ class SEGParamError(ValueError):
     def __init__(self, name: str, value: object, reason: str):
         self.field = name
         self.value = value
+        self.reason = reason
         super().__init__(f"SEG setting '{name}': {reason} (got {value!r})")
 
 

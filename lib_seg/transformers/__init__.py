@@ -21,7 +21,7 @@ from .krea import KREA2
 from .lumina import LUMINA2, Z_IMAGE
 from .qwen_image import QWEN_IMAGE
 from .sd3 import SD3
-from .smoothing import KernelSlot, TransformerSmoothing
+from .smoothing import AttentionOverride, KernelSlot, TransformerSmoothing
 from .wan import WAN
 
 FAMILIES: tuple[Family, ...] = (SD3, CHROMA, FLUX2, FLUX, KREA2, QWEN_IMAGE, Z_IMAGE, LUMINA2,
@@ -56,6 +56,7 @@ __all__ = [
     "SD3",
     "WAN",
     "Z_IMAGE",
+    "AttentionOverride",
     "CallLayout",
     "Family",
     "KernelSlot",

@@ -5,7 +5,10 @@ before the attention kernel, i.e. after the QK-norm and after RoPE: the logits a
 ``q_rope · k_rope``, and Prop. 3.1 (blurring the logits along the query axis = blurring the
 queries) holds for what is multiplied. Text queries, tokens after the image (reference images,
 padding), keys and values are untouched. A video's frames are blurred each over its own grid.
-The webui's kernels are handed in as ``KernelSlot`` s (``backends/model_patcher/forge.py`` finds them).
+The host's kernels are handed in as ``KernelSlot`` s (a name in a module's globals the blocks call;
+``backends/model_patcher/forge.py`` finds them), or as an ``AttentionOverride`` (ComfyUI: a
+function put in each model call's ``transformer_options`` that its attention kernels call
+through).
 
 In a separate evaluation every row of the call is smoothed; when SEG's smoothed rows ride in the
 webui's own call (``backends/shared_batch``), only the rows from the first copy on are."""
@@ -32,6 +35,16 @@ class KernelSlot:
     name: str
 
 
+@dataclass(frozen=True)
+class AttentionOverride:
+    """A key of a model call's ``transformer_options`` through which the host's attention kernels
+    call, as ``override(kernel, q, *args, **kwargs)`` (ComfyUI's ``optimized_attention_override``).
+    SEG's override is put in a copy of the options of each call it smooths, before any override
+    already there, which it then calls in turn."""
+
+    key: str
+
+
 class TransformerSmoothing:
     """Blurs the image-token queries of the chosen blocks during one model evaluation.
 
@@ -41,13 +54,14 @@ class TransformerSmoothing:
     attention runs, and each kernel slot holds a wrapper that blurs the queries of those calls
     only. Everything is put back on exit, also after an exception or an interrupt."""
 
-    def __init__(self, model: nn.Module, family: Family, blocks: list[nn.Module], slots: list[KernelSlot],
-                 sigma: float):  # fmt: skip
+    def __init__(self, model: nn.Module, family: Family, blocks: list[nn.Module],
+                 slots: list[KernelSlot | AttentionOverride], sigma: float):  # fmt: skip
         self.model = model
         self.family = family
         self.blocks = blocks
         self.scopes = [scope for block in blocks for scope in family.attention_scopes(block)]
-        self.slots = _unique(slots)
+        self.slots = _unique([slot for slot in slots if isinstance(slot, KernelSlot)])
+        self.overrides = list(dict.fromkeys(slot for slot in slots if isinstance(slot, AttentionOverride)))
         self.sigma = float(sigma)
         self.layout: CallLayout | None = None
         self.rows = 0  # the batch rows of the model call being run
@@ -102,6 +116,13 @@ class TransformerSmoothing:
     def _read_call(self, module, args, kwargs):
         self.layout = self.family.layout(module, args, kwargs)
         self.rows = int(latent_of(args, kwargs).shape[0])
+        options = kwargs.get("transformer_options")
+        if not self.overrides or not isinstance(options, dict):
+            return None  # no options to carry the override: no kernel call is reached, as reported
+        options = dict(options)
+        for override in self.overrides:
+            options[override.key] = self._override(options.get(override.key))
+        return args, {**kwargs, "transformer_options": options}
 
     def _enter(self, module, args):
         self._inside += 1
@@ -116,6 +137,16 @@ class TransformerSmoothing:
             return kernel(q, *args, **kwargs)
 
         return smoothed_kernel
+
+    def _override(self, previous: Callable | None) -> Callable:
+        def seg_attention_override(kernel, q, *args, **kwargs):
+            if self._inside > 0:
+                q = self.blur_image_queries(q)
+            if previous is not None:
+                return previous(kernel, q, *args, **kwargs)
+            return kernel(q, *args, **kwargs)
+
+        return seg_attention_override
 
     def blur_image_queries(self, q: torch.Tensor) -> torch.Tensor:
         """``q`` (..., tokens, channels) with its image tokens blurred, each frame over its grid."""

@@ -40,8 +40,10 @@ from ...guidance import BRANCH_UNCOND, seg_term, smoothed_source
 from ...layers import INPUT, MIDDLE, OUTPUT
 from ...memory import free_cached_memory, is_out_of_memory
 from ...schedule import is_active_step
+from ...transformers import TransformerSmoothing, block_lists
 from .compiled import eager
-from .shared_batch import PATH_SEPARATE, SharedBatch
+from .prefix_sharing import transformer_prefix
+from .shared_batch import PATH_SEPARATE, Attn1Rows, SharedBatch, TransformerRows
 
 log = logging.getLogger("sd_webui_seg")
 MARKER = "_sd_webui_seg"
@@ -149,6 +151,7 @@ class PatcherGuidance:
         warn: Callable[[str], None] | None = None,
         batched: SharedBatch | None = None,
         calc_cond_batch: Callable | None = None,
+        step_of: Callable[[dict], tuple[int, int]] | None = None,
     ):
         self.settings = settings
         self.evaluate = evaluate  # the webui's calc_cond_uncond_batch
@@ -156,6 +159,9 @@ class PatcherGuidance:
         self.warn = warn or (lambda message: log.warning("SEG: %s", message))
         self.batched = batched  # the rows in the webui's own calls, or None (always separate)
         self.calc_cond_batch = calc_cond_batch
+        # the hosts whose sampler gives no step callback (ComfyUI) read the step from the
+        # arguments of each call instead
+        self.step_of = step_of
         self.paths: Counter[str] = Counter()
         self.step = (0, 1)
         self.failed = False
@@ -166,9 +172,14 @@ class PatcherGuidance:
     def on_denoiser(self, sampling_step: int, total_steps: int) -> None:
         self.step = (sampling_step, total_steps)
 
+    def follow_step(self, args: dict) -> None:
+        if self.step_of is not None:
+            self.step = self.step_of(args)
+
     def post_cfg(self, args: dict) -> torch.Tensor:
         denoised = args["denoised"]
         settings = self.settings
+        self.follow_step(args)
         if self.failed or not is_active_step(*self.step, settings.start, settings.end):
             return denoised
         try:
@@ -204,7 +215,19 @@ class PatcherGuidance:
         twice in the hires pass, and a clone of a clone keeps our functions once)."""
         unet = sd_model.forge_objects.unet
         patched = unet.clone()
-        options = patched.model_options
+        self.patch_options(patched.model_options)
+        patched.set_model_sampler_post_cfg_function(self.post_cfg_function())
+        sd_model.forge_objects.unet = patched
+        self._sd_model, self._original_unet, self._installed_unet = sd_model, unet, patched
+
+    def post_cfg_function(self) -> Callable:
+        """The post-CFG function to append to the model options, marked as SEG's."""
+        return _marked(self.post_cfg)
+
+    def patch_options(self, options: dict) -> None:
+        """Put SEG's step functions in ``options`` (a patcher's model options, or one sampling
+        run's copy of them), replacing any an earlier SEG left there; the post-CFG function that
+        adds the SEG term is the caller's to append (``post_cfg``)."""
         for key in ("sampler_post_cfg_function", "sampler_pre_cfg_function"):
             if key in options:
                 options[key] = [f for f in options[key] if not hasattr(f, MARKER)]
@@ -213,9 +236,6 @@ class PatcherGuidance:
                 del options[key]
         if self.batched is not None:
             self._install_batched(options)
-        patched.set_model_sampler_post_cfg_function(_marked(self.post_cfg))
-        sd_model.forge_objects.unet = patched
-        self._sd_model, self._original_unet, self._installed_unet = sd_model, unet, patched
 
     def _install_batched(self, options: dict) -> None:
         batched = self.batched
@@ -245,6 +265,7 @@ class PatcherGuidance:
 
         def plan_and_evaluate(args):
             model, conds, options = args["model"], args["conds"], args["model_options"]
+            self.follow_step(args)
             self.plan_step(model, conds[0], conds[1] if len(conds) > 1 else None, options)
             try:
                 if evaluate_list is not None:
@@ -271,6 +292,41 @@ class PatcherGuidance:
         if sd_model is not None and getattr(sd_model.forge_objects, "unet", None) is self._installed_unet:
             sd_model.forge_objects.unet = self._original_unet
         self._sd_model = self._original_unet = self._installed_unet = None
+
+
+def target_scopes(target) -> list:
+    """The modules inside which a transformer target's attention calls are image self-attention
+    (Nunchaku's swapped-in attention classes call their own module's kernel, not the block's)."""
+    return [scope for block in target.blocks for scope in target.family.attention_scopes(block)]
+
+
+def build_guidance(
+    target, host: HostFunctions, kernels, settings: GuidedPass, warn: Callable[[str], None],
+    one_call: bool = True, share_prefix: bool = True, step_of=None,
+) -> PatcherGuidance:  # fmt: skip
+    """SEG for one sampling pass on a patcher host: ``target`` (``lib_seg.target.Target``) smoothed
+    by the host's attention (UNets) or through ``kernels`` (a transformer's kernel slots or
+    attention override); the smoothed rows ride in the host's calls when ``one_call``, the blocks
+    before the first smoothed one shared when also ``share_prefix``."""
+    prefix = None
+    if target.unet is not None:
+        keys = patch_keys(target.names)
+        smoothing = Attn1Smoothing(keys, settings.sigma, host.attention)
+        rows = Attn1Rows(settings.sigma, keys, host.attention)
+        if one_call and share_prefix and host.unet_prefix is not None:
+            prefix = host.unet_prefix(target.unet, target.attn1_modules)
+    else:
+        smoothing = TransformerSmoothing(target.transformer, target.family, target.blocks, kernels,
+                                         settings.sigma)  # fmt: skip
+        rows = TransformerRows(smoothing)
+        if one_call and share_prefix:
+            lists = block_lists(target.transformer, target.family).values()
+            prefix = transformer_prefix(list(lists), target.blocks)
+    batched = SharedBatch(rows, host.fits, prefix) if one_call else None
+    if prefix is not None and prefix.reason is not None:
+        log.info("SEG: no blocks shared with the smoothed rows: %s", prefix.reason)
+    return PatcherGuidance(settings, host.evaluate, smoothing, warn=warn, batched=batched,
+                           calc_cond_batch=host.calc_cond_batch, step_of=step_of)  # fmt: skip
 
 
 def _marked(function: Callable) -> Callable:

@@ -23,26 +23,33 @@ from __future__ import annotations
 import inspect
 from functools import lru_cache
 
+from .guidance import HostFunctions
+
 NAME = "ldm_patched"
 PACKAGE = "ldm_patched"  # the top-level package its patcher classes live in
 
 
 def entry_points():
-    """The ``model_patcher.HostFunctions`` of reForge or Forge Classic."""
+    """The ``guidance.HostFunctions`` of reForge or Forge Classic."""
     import ldm_patched.ldm.modules.attention as attention_module
     import ldm_patched.modules.model_management as model_management
     import ldm_patched.modules.samplers as samplers
 
-    from .guidance import HostFunctions
     from .prefix_sharing import ldm_patched_unet_prefix
 
+    return lineage_functions(attention_module, model_management, samplers, ldm_patched_unet_prefix)
+
+
+def lineage_functions(attention_module, model_management, samplers, unet_prefix) -> HostFunctions:
+    """``HostFunctions`` from the modules of ComfyUI's lineage (``ldm_patched``, ComfyUI's
+    ``comfy``): their attention, memory test and batch evaluator."""
     calc_cond_batch = getattr(samplers, "calc_cond_batch", None)
-    if calc_cond_batch is not None:  # reForge: ComfyUI's list form (its two-list wrapper is deprecated)
+    if calc_cond_batch is not None:  # reForge, ComfyUI: the list form (the two-list wrapper is deprecated)
 
         def evaluate(model, cond, uncond, x, sigma, model_options):
             return tuple(calc_cond_batch(model, [cond, uncond], x, sigma, model_options))
 
-        margin = 1.5  # reForge's calc_cond_batch keeps this factor over the model's estimate
+        margin = 1.5  # their calc_cond_batch keeps this factor over the model's estimate
     else:  # Forge Classic
         evaluate = samplers.calc_cond_uncond_batch
         margin = 1.0
@@ -59,8 +66,7 @@ def entry_points():
             return function(q, k, v, heads, attn_precision=attn_precision)
         return function(q, k, v, heads)
 
-    return HostFunctions(evaluate, attention, fits, calc_cond_batch=calc_cond_batch,
-                          unet_prefix=ldm_patched_unet_prefix)  # fmt: skip
+    return HostFunctions(evaluate, attention, fits, calc_cond_batch=calc_cond_batch, unet_prefix=unet_prefix)
 
 
 @lru_cache(maxsize=16)

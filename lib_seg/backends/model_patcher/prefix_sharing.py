@@ -47,6 +47,7 @@ FORGE_UNET_FORWARDS = ("IntegratedUNet2DConditionModel.forward",)
 # reForge: forward hands the call to its wrapper executor, which runs _forward
 LDM_PATCHED_UNET_FORWARDS = ("UNetModel.forward", "UNetModel._forward")
 LDM_PATCHED_LAYER_CALLER = "forward_timestep_embed"
+DIFFUSION_MODEL_WRAPPERS = "diffusion_model"  # reForge's and ComfyUI's wrapper kind around the forward
 # patches the UNets' forward applies between blocks, to the whole batch
 BETWEEN_BLOCK_PATCHES = frozenset({"input_block_patch", "input_block_patch_after_skip", "output_block_patch"})
 
@@ -121,7 +122,8 @@ class PrefixSharing:
                 return f"'{key}' run inside the blocks"
         if transformer_options.get("group_norm_wrapper") is not None:
             return "a group-norm wrapper runs inside the blocks"
-        if any(_non_empty(wrappers) for wrappers in (transformer_options.get("wrappers") or {}).values()):
+        # wrappers of other kinds (ComfyUI's outer sample, calc_cond_batch, ...) run outside the model
+        if _non_empty((transformer_options.get("wrappers") or {}).get(DIFFUSION_MODEL_WRAPPERS)):
             return "another extension wraps the diffusion model's forward"
         inside = sorted(name for name, functions in transformer_options.get("patches", {}).items()
                         if functions and name not in BETWEEN_BLOCK_PATCHES)  # fmt: skip
@@ -202,14 +204,17 @@ def forge_unet_prefix(unet: nn.Module, patched_modules: Sequence[nn.Module]) -> 
     return PrefixSharing(units, {(side, index) for side, index, _ in before}, reason)
 
 
-def ldm_patched_unet_prefix(unet: nn.Module, patched_modules: Sequence[nn.Module]) -> PrefixSharing:
-    """reForge's and Forge Classic's UNet: each block's layers are called as modules by the
-    module function ``forward_timestep_embed``, which must be that module's own."""
+def ldm_patched_unet_prefix(
+    unet: nn.Module, patched_modules: Sequence[nn.Module], package: str = "ldm_patched"
+) -> PrefixSharing:
+    """reForge's and Forge Classic's UNet (``package`` ``ldm_patched``) and ComfyUI's (``comfy``),
+    the same code: each block's layers are called as modules by the module function
+    ``forward_timestep_embed``, which must be that module's own."""
     before = blocks_before(unet, patched_modules)
     units = [Unit(tuple(block), list(block)[-1]) for _, _, block in before if len(block)]
     reason = forward_reason(unet, LDM_PATCHED_UNET_FORWARDS)
-    if reason is None and not type(unet).__module__.startswith("ldm_patched."):
-        reason = f"the UNet is {type(unet).__module__}.{type(unet).__qualname__}, not ldm_patched's"
+    if reason is None and not type(unet).__module__.startswith(f"{package}."):
+        reason = f"the UNet is {type(unet).__module__}.{type(unet).__qualname__}, not {package}'s"
     if reason is None:
         module = sys.modules.get(type(unet).__module__)
         caller = getattr(module, LDM_PATCHED_LAYER_CALLER, None)
