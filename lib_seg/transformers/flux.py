@@ -31,7 +31,7 @@ class FluxFamily(Family):
     def matches(self, model: nn.Module) -> bool:
         return (is_module_list(model, "double_blocks") and is_module_list(model, "single_blocks")
                 and not hasattr(model, "distilled_guidance_layer")
-                and not has_global_modulation(model))  # fmt: skip
+                and not has_global_modulation(model) and not is_hunyuan(model))  # fmt: skip
 
     def layout(self, model: nn.Module, args: tuple, kwargs: dict) -> CallLayout:
         x = latent_of(args, kwargs)
@@ -45,6 +45,16 @@ def patch_size(model: nn.Module, default: int = 2) -> int:
     """The side of the model's square latent patches (``patch_size``; Flux.1 2, Flux.2 1)."""
     size = getattr(model, "patch_size", None) or default
     return int(size[0] if isinstance(size, tuple | list) else size)
+
+
+def is_hunyuan(model: nn.Module) -> bool:
+    """ComfyUI's HunyuanVideo / HunyuanImage 2.1 (double and single blocks too, but the image
+    before the text: ``flipped_img_txt``, and a list ``patch_size``) and Hunyuan3D 2.0 (shape
+    latents, no ``img_in``): not Flux's token layout."""
+    blocks = model.double_blocks
+    return (not isinstance(getattr(model, "img_in", None), nn.Module)
+            or isinstance(getattr(model, "patch_size", None), list)
+            or (len(blocks) > 0 and bool(getattr(blocks[0], "flipped_img_txt", False))))  # fmt: skip
 
 
 def has_global_modulation(model: nn.Module) -> bool:

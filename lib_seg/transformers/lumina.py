@@ -19,6 +19,10 @@ image up to the same multiple: after the image, never blurred. Every row of a ca
 caption length: the caption is one tensor (Neo's cond concatenation repeats shorter captions to a
 common length), and its mask only reaches the context refiner.
 
+ComfyUI's NextDiT (``comfy.ldm.lumina``) puts each row's image after its effective caption (its
+caption mask's sum, else ``num_tokens``), not after the whole caption tensor: that length is used
+there, and a call whose rows differ is refused.
+
 Sides: ``block`` = ``layers``. The noise refiner is an image self-attention too (its calls hold the
 image and its pad tokens only; ``image_start`` places them), but it is not offered: it runs on
 the bare patch embeddings before the caption joins, and naming it would need a side word the
@@ -34,6 +38,7 @@ module's class, so that one is wrapped."""
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..layers import BLOCK
@@ -55,7 +60,10 @@ class Lumina2Family(Family):
         context = call_argument(args, kwargs, "context", 2)
         patch = int(getattr(model, "patch_size", 2) or 2)
         height, width = padded_grid(int(x.shape[-2]), int(x.shape[-1]), patch)
-        return CallLayout(1, height, width, before=padded_length(int(context.shape[1]), model))
+        caption = int(context.shape[1])
+        if type(model).__module__.startswith("comfy."):
+            caption = comfyui_caption_length(args, kwargs, caption)
+        return CallLayout(1, height, width, before=padded_length(caption, model))
 
     def attention_scopes(self, block: nn.Module) -> list[nn.Module]:
         return [block.attention]
@@ -89,6 +97,21 @@ def has_z_image_modulation(model: nn.Module) -> bool:
     if not isinstance(modulation, nn.Sequential) or len(modulation) == 0:
         return False
     return not isinstance(modulation[0], nn.SiLU)
+
+
+def comfyui_caption_length(args: tuple, kwargs: dict, tokens: int) -> int:
+    """ComfyUI's NextDiT puts each row's image right after its *effective* caption: the sum of its
+    caption mask when one is given, else ``num_tokens``. Rows of one call with captions of
+    different lengths have their images at different places: refused."""
+    mask = call_argument(args, kwargs, "attention_mask", 4)
+    if isinstance(mask, torch.Tensor):
+        lengths = {int(length) for length in mask.sum(dim=1).tolist()}
+        if len(lengths) != 1:
+            raise ValueError("the rows of this call have captions of different lengths, so their images "
+                             "start at different tokens; SEG cannot blur them")  # fmt: skip
+        return lengths.pop()
+    count = call_argument(args, kwargs, "num_tokens", 3)
+    return int(count) if isinstance(count, int) else tokens
 
 
 def padded_length(tokens: int, model: nn.Module) -> int:

@@ -14,8 +14,9 @@ tokens and nothing before them. Each frame is blurred over its own grid; the tim
 blurred. I2V's conditioning (mask and first/last-frame latents) is concatenated on the channels, so
 it changes no token. ``time_dim_concat`` latents (reference frames; Neo passes none, ComfyUI's
 Phantom does) are appended as extra frames after the video and cut from the output: those tokens
-follow the video span and are left alone. Only ``self_attn`` is smoothed; ``cross_attn`` calls the
-same kernel but attends to the text.
+follow the video span and are left alone. Wan Fun's ``reference_latent`` (through ``ref_conv``)
+is put before the video: the span starts after its tokens. Only ``self_attn`` is smoothed;
+``cross_attn`` calls the same kernel but attends to the text.
 
 Radial Attention (Forge Neo's built-in ``sd_forge_radial``) replaces the module's ``attention``,
 which the self-attention calls, with its own sparse kernel for the blocks from its "Dense Block"
@@ -71,10 +72,20 @@ class WanFamily(Family):
             raise ValueError(RADIAL)
         temporal, height, width = patch_size(model)
         return CallLayout(-(-int(x.shape[-3]) // temporal), -(-int(x.shape[-2]) // height),
-                          -(-int(x.shape[-1]) // width), before=0)  # fmt: skip
+                          -(-int(x.shape[-1]) // width), before=reference_tokens(model, kwargs))  # fmt: skip
 
     def attention_scopes(self, block: nn.Module) -> list[nn.Module]:
         return [block.self_attn]
+
+
+def reference_tokens(model: nn.Module, kwargs: dict) -> int:
+    """Wan Fun (``ref_conv``): a ``reference_latent`` image is cut by a stride-patch convolution and
+    put *before* the video tokens."""
+    reference = kwargs.get("reference_latent")
+    if getattr(model, "ref_conv", None) is None or reference is None:
+        return 0
+    _, height, width = patch_size(model)
+    return (int(reference.shape[-2]) // height) * (int(reference.shape[-1]) // width)
 
 
 def patch_size(model: nn.Module) -> tuple[int, int, int]:

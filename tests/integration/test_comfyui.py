@@ -1,0 +1,282 @@
+"""The ComfyUI tier: this repository as a custom-node package inside a real ComfyUI, through its
+HTTP API (``/object_info``, ``/prompt``, ``/history``, ``/view``).
+
+Opt-in. Either point at a running ComfyUI that already has this repository in ``custom_nodes/``:
+    SEG_COMFYUI_URL=http://127.0.0.1:8188
+or let the tests start one (the repository is copied into its ``custom_nodes/`` folder and removed
+after; started as ``main.py --cpu --listen 127.0.0.1 --disable-metadata``):
+    SEG_COMFYUI_ROOT=/path/to/ComfyUI  [SEG_COMFYUI_PYTHON=/path/to/venv/bin/python]
+Models (random weights are fine), by their names in ComfyUI's model folders:
+    SEG_COMFYUI_SD15 (checkpoints/, default rand-sd15.safetensors)
+    SEG_COMFYUI_SDXL (checkpoints/; SDXL tests skip without it)
+    SEG_COMFYUI_FLUX=unet,clip_l,t5xxl,vae (diffusion_models/, text_encoders/, vae/; Flux tests skip
+    without it) [SEG_COMFYUI_FLUX_DTYPE=fp8_e4m3fn: the UNETLoader's weight_dtype]
+Without SEG_COMFYUI_URL or SEG_COMFYUI_ROOT every test here is skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+NODE = "SmoothedEnergyGuidance"
+COPY_IGNORE = shutil.ignore_patterns(".git", ".venv", "venv", "__pycache__", ".pytest_cache", "out", "*.png")
+pytestmark = pytest.mark.webui
+
+
+class ComfyUI:
+    def __init__(self, url: str, log: Path | None = None):
+        self.url = url.rstrip("/")
+        self.log = log
+
+    def request(self, method: str, path: str, body=None, timeout=60):
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.url + path, data=data, method=method,
+                                         headers={"Content-Type": "application/json"})  # fmt: skip
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                raw = response.read()
+                return response.status, raw
+        except urllib.error.HTTPError as error:
+            return error.code, error.read()
+
+    def json(self, method: str, path: str, body=None):
+        status, raw = self.request(method, path, body)
+        return status, json.loads(raw) if raw else None
+
+    def queue(self, prompt: dict) -> tuple[int, dict]:
+        return self.json("POST", "/prompt", {"prompt": prompt, "client_id": "seg-tests"})
+
+    def run(self, prompt: dict, timeout: float = 1800.0) -> list:
+        """Queue ``prompt``, wait for it; the pixels of every image it saved (a list per image)."""
+        status, answer = self.queue(prompt)
+        assert status == 200, answer
+        prompt_id = answer["prompt_id"]
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            status, history = self.json("GET", f"/history/{prompt_id}")
+            entry = (history or {}).get(prompt_id)
+            if entry and entry.get("status", {}).get("completed") is not None:
+                assert entry["status"].get("status_str") == "success", entry["status"]
+                return [self.image(image) for output in entry["outputs"].values()
+                        for image in output.get("images", [])]  # fmt: skip
+            time.sleep(0.5)
+        raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout:.0f} s")
+
+    def image(self, image: dict):
+        from PIL import Image
+
+        fields = {key: image.get(key, default) for key, default in
+                  (("filename", ""), ("subfolder", ""), ("type", "output"))}  # fmt: skip
+        query = urllib.parse.urlencode(fields)
+        status, raw = self.request("GET", f"/view?{query}")
+        assert status == 200
+        return list(Image.open(io.BytesIO(raw)).convert("RGB").getdata())
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log is not None else ""
+
+    def free(self) -> None:
+        """Unload every model (one family at a time fits a small machine)."""
+        self.request("POST", "/free", {"unload_models": True, "free_memory": True})
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def comfyui():
+    url = os.environ.get("SEG_COMFYUI_URL")
+    if url:
+        yield ComfyUI(url)
+        return
+    root = os.environ.get("SEG_COMFYUI_ROOT")
+    if not root:
+        pytest.skip("ComfyUI tier: set SEG_COMFYUI_ROOT (or SEG_COMFYUI_URL) to run against a real ComfyUI")
+    root_path = Path(root)
+    python = os.environ.get("SEG_COMFYUI_PYTHON", "python3")
+    installed = root_path / "custom_nodes" / f"sd-webui-seg-tests-{uuid.uuid4().hex[:6]}"
+    shutil.copytree(ROOT, installed, ignore=COPY_IGNORE)
+    scratch = Path(tempfile.mkdtemp(prefix="seg-comfyui-"))
+    log = scratch / "comfyui.log"
+    port = _free_port()
+    command = [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-metadata",
+               "--output-directory", str(scratch / "output")]  # fmt: skip
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, cwd=root_path, stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True)  # fmt: skip
+    server = ComfyUI(f"http://127.0.0.1:{port}", log)
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            if process.poll() is not None:
+                pytest.fail(f"ComfyUI exited at start:\n{log.read_text(errors='replace')[-3000:]}")
+            try:
+                if server.request("GET", "/system_stats", timeout=5)[0] == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(1)
+        else:
+            pytest.fail("ComfyUI did not answer within 600 s")
+        yield server
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+        shutil.rmtree(installed, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+# -- workflows (API format) ------------------------------------------------------------------------
+def seg_node(model_link, **values) -> dict:
+    inputs = {"scale": 3.0, "sigma": -1.0, "branch": "uncond", "blocks": "middle", "start_percent": 0.0,
+              "end_percent": 1.0, **values, "model": model_link}  # fmt: skip
+    return {"class_type": NODE, "inputs": inputs}
+
+
+def checkpoint_workflow(checkpoint: str, size: int, steps: int, seed: int = 1, seg: dict | None = None):
+    model = ["1", 0]
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red fox in a forest", "clip": ["1", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["1", 1]}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+        "7": {"class_type": "SaveImage", "inputs": {"filename_prefix": "seg", "images": ["6", 0]}},
+    }
+    if seg is not None:
+        prompt["10"] = seg_node(model, **seg)
+        model = ["10", 0]
+    prompt["5"] = {"class_type": "KSampler", "inputs": {
+        "seed": seed, "steps": steps, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal",
+        "denoise": 1.0, "model": model, "positive": ["2", 0], "negative": ["3", 0],
+        "latent_image": ["4", 0]}}  # fmt: skip
+    return prompt
+
+
+def flux_workflow(seed: int = 1, seg: dict | None = None) -> dict:
+    unet, clip_l, t5, vae = os.environ["SEG_COMFYUI_FLUX"].split(",")
+    dtype = os.environ.get("SEG_COMFYUI_FLUX_DTYPE", "default")
+    model = ["1", 0]
+    prompt = {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": unet, "weight_dtype": dtype}},
+        "2": {"class_type": "DualCLIPLoader",
+              "inputs": {"clip_name1": clip_l, "clip_name2": t5, "type": "flux"}},
+        "3": {"class_type": "VAELoader", "inputs": {"vae_name": vae}},
+        "11": {"class_type": "T5TokenizerOptions",
+               "inputs": {"clip": ["2", 0], "min_padding": 0, "min_length": 0}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red fox in a forest", "clip": ["11", 0]}},
+        "5": {"class_type": "FluxGuidance", "inputs": {"conditioning": ["4", 0], "guidance": 3.5}},
+        "6": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["4", 0]}},
+        "7": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "9": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["3", 0]}},
+        "10": {"class_type": "SaveImage", "inputs": {"filename_prefix": "seg-flux", "images": ["9", 0]}},
+    }  # fmt: skip
+    if seg is not None:
+        prompt["12"] = seg_node(model, **seg)
+        model = ["12", 0]
+    prompt["8"] = {"class_type": "KSampler", "inputs": {
+        "seed": seed, "steps": 1, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0,
+        "model": model, "positive": ["5", 0], "negative": ["6", 0], "latent_image": ["7", 0]}}  # fmt: skip
+    return prompt
+
+
+def sd15() -> str:
+    return os.environ.get("SEG_COMFYUI_SD15", "rand-sd15.safetensors")
+
+
+def guided_lines(server: ComfyUI, since: int) -> list[str]:
+    return [line for line in server.log_text()[since:].splitlines() if "guided evaluations" in line]
+
+
+# -- tests ---------------------------------------------------------------------------------------------
+def test_the_node_is_registered_with_its_inputs(comfyui):
+    status, info = comfyui.json("GET", f"/object_info/{NODE}")
+    assert status == 200 and NODE in info, info
+    node = info[NODE]
+    assert node["display_name"] == "Smoothed Energy Guidance"
+    assert node["category"] == "model_patches" and node["output"] == ["MODEL"]
+    required = node["input"]["required"]
+    assert list(required) == ["model", "scale", "sigma", "branch", "blocks", "start_percent", "end_percent"]
+    assert required["scale"][1]["default"] == 3.0 and required["sigma"][1]["default"] == -1.0
+    assert "inf" in required["sigma"][1]["tooltip"]
+
+
+def test_sd15_off_scale_zero_on_and_reproducible(comfyui):
+    comfyui.free()
+    off = comfyui.run(checkpoint_workflow(sd15(), 128, 2))
+    assert comfyui.run(checkpoint_workflow(sd15(), 128, 2, seg={"scale": 0.0})) == off
+    mark = len(comfyui.log_text())
+    on = comfyui.run(checkpoint_workflow(sd15(), 128, 2, seg={}))
+    assert on != off
+    if comfyui.log is not None:
+        assert guided_lines(comfyui, mark) == ["SEG: 2 guided evaluations (shared-prefix: 2)"]
+    comfyui.run(checkpoint_workflow(sd15(), 128, 2, seed=2, seg={}))  # another graph: nothing cached
+    assert comfyui.run(checkpoint_workflow(sd15(), 128, 2, seg={})) == on
+    assert comfyui.run(checkpoint_workflow(sd15(), 128, 2, seg={"sigma": 2.0, "blocks": "input 4-5"})) != on
+
+
+def test_bad_values_give_a_clean_message(comfyui):
+    status, answer = comfyui.queue(checkpoint_workflow(sd15(), 128, 2, seg={"sigma": "wide"}))
+    assert status == 400 and "sigma" in json.dumps(answer)  # ComfyUI's own input validation
+    status, answer = comfyui.queue(checkpoint_workflow(sd15(), 128, 2, seg={"scale": 99.0}))
+    assert status == 400 and "scale" in json.dumps(answer)
+    off = comfyui.run(checkpoint_workflow(sd15(), 128, 2, seed=3))
+    mark = len(comfyui.log_text())
+    assert comfyui.run(checkpoint_workflow(sd15(), 128, 2, seed=3, seg={"blocks": "sideways 3"})) == off
+    assert comfyui.run(checkpoint_workflow(sd15(), 128, 2, seed=3, seg={"blocks": "double 7-9"})) == off
+    if comfyui.log is not None:
+        log = comfyui.log_text()[mark:]
+        assert "SEG setting 'blocks'" in log and "match no self-attention in this UNet" in log
+
+
+def test_sdxl(comfyui):
+    checkpoint = os.environ.get("SEG_COMFYUI_SDXL")
+    if not checkpoint:
+        pytest.skip("set SEG_COMFYUI_SDXL to an SDXL checkpoint's name")
+    comfyui.free()
+    off = comfyui.run(checkpoint_workflow(checkpoint, 128, 2))
+    assert comfyui.run(checkpoint_workflow(checkpoint, 128, 2, seg={"scale": 0.0})) == off
+    mark = len(comfyui.log_text())
+    on = comfyui.run(checkpoint_workflow(checkpoint, 128, 2, seg={}))
+    assert on != off
+    if comfyui.log is not None:
+        assert guided_lines(comfyui, mark) == ["SEG: 2 guided evaluations (shared-prefix: 2)"]
+    comfyui.free()
+
+
+def test_flux_one_step(comfyui):
+    if not os.environ.get("SEG_COMFYUI_FLUX"):
+        pytest.skip("set SEG_COMFYUI_FLUX=unet,clip_l,t5xxl,vae (names in ComfyUI's model folders)")
+    comfyui.free()
+    off = comfyui.run(flux_workflow())
+    mark = len(comfyui.log_text())
+    on = comfyui.run(flux_workflow(seg={}))
+    assert on != off
+    if comfyui.log is not None:
+        log = comfyui.log_text()[mark:]
+        assert "Flux blocks: double_blocks.7, double_blocks.8, double_blocks.9" in log
+        assert guided_lines(comfyui, mark) == ["SEG: 1 guided evaluations (shared-prefix: 1)"]
+    assert comfyui.run(flux_workflow(seg={"scale": 0.0})) == off
+    comfyui.free()
