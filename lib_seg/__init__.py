@@ -1,6 +1,6 @@
 """Smoothed Energy Guidance (Hong, NeurIPS 2024): pure torch, no webui imports."""
 
-__version__ = "1.4.0"  # the one place: the start-up log shows it, CHANGELOG.md's newest entry matches
+__version__ = "1.5.0"  # the one place: the start-up log shows it, CHANGELOG.md's newest entry matches
 
 from .blur import blur_operator, blur_queries, is_identity_sigma, is_mean_sigma, kernel_length
 from .grid import token_grid

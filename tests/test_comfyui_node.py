@@ -356,3 +356,14 @@ def test_a_transformer_whose_kernel_gets_no_options_is_left_unguided(package, fa
         out = sample(patched, cond, neg, 4.0, noise)
     assert "never reached the kernel" in caplog.text
     assert torch.equal(out, before)
+
+
+def test_the_step_is_read_from_the_sigma_and_the_schedule():
+    from lib_seg.schedule import step_of_sigma
+
+    schedule = [14.6, 7.0, 3.0, 1.0, 0.0]
+    assert [step_of_sigma(s, schedule) for s in (14.6, 7.0, 3.0, 1.0)] == [(0, 4), (1, 4), (2, 4), (3, 4)]
+    assert step_of_sigma(5.0, schedule) == (1, 4)  # between two schedule sigmas: the step it is in
+    assert step_of_sigma(7.0 * (1 + 1e-7), schedule) == (1, 4)  # float noise
+    assert step_of_sigma(20.0, schedule) == (0, 4)
+    assert step_of_sigma(1.0, [1.0]) == (0, 1)

@@ -18,7 +18,7 @@ from lib_seg import ARG_NAMES
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").glob("*.md"))]
 LINK = re.compile(r"!?\[(?:[^\]\[]|\[[^\]]*\])*\]\(([^)\s]+)\)")
-WEBUIS = ("A1111 v1.10", "Forge", "reForge", "Forge Classic", "Forge Neo")
+WEBUIS = ("A1111 v1.10", "Forge", "reForge", "Forge Classic", "Forge Neo", "ComfyUI")
 
 
 def slug(heading: str) -> str:
@@ -104,7 +104,7 @@ def test_each_tick_of_the_readme_matrix_links_to_a_row_that_says_how_it_was_test
                     column -= 1  # "the same" as the webui to its left
                 said = row[column]
                 assert not said.startswith(("—", "one warning")), f"{model} on {webui}: the row says {said!r}"
-                assert re.search(r"real webui|contract tests|test", said), f"{model} on {webui}: {said!r}"
+                assert re.search(r"real webui|real ComfyUI|contract tests|test", said), f"{model} on {webui}: {said!r}"
     assert ticks >= 20
 
 
@@ -112,6 +112,7 @@ def test_the_readme_stays_short_and_keeps_its_two_commands():
     readme = (ROOT / "README.md").read_text()
     assert len(readme.splitlines()) <= 150
     assert 'git clone "$PWD" /path/to/stable-diffusion-webui/extensions/sd-webui-seg' in readme
+    assert 'git clone "$PWD" /path/to/ComfyUI/custom_nodes/sd-webui-seg' in readme
     ci = (ROOT / ".ci" / "run").read_text()
     command = next(line for line in readme.splitlines() if line.startswith("python3 -m venv .venv"))
     assert command in ci

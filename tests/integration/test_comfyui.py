@@ -10,7 +10,8 @@ Models (random weights are fine), by their names in ComfyUI's model folders:
     SEG_COMFYUI_SD15 (checkpoints/, default rand-sd15.safetensors)
     SEG_COMFYUI_SDXL (checkpoints/; SDXL tests skip without it)
     SEG_COMFYUI_FLUX=unet,clip_l,t5xxl,vae (diffusion_models/, text_encoders/, vae/; Flux tests skip
-    without it) [SEG_COMFYUI_FLUX_DTYPE=fp8_e4m3fn: the UNETLoader's weight_dtype]
+    without it) [SEG_COMFYUI_FLUX_DTYPE=fp8_e4m3fn: the UNETLoader's weight_dtype, Chroma's too]
+    SEG_COMFYUI_CHROMA=unet,t5xxl,vae (Chroma tests skip without it)
 Without SEG_COMFYUI_URL or SEG_COMFYUI_ROOT every test here is skipped with the reason.
 """
 
@@ -202,6 +203,32 @@ def flux_workflow(seed: int = 1, seg: dict | None = None) -> dict:
     return prompt
 
 
+def chroma_workflow(seed: int = 1, seg: dict | None = None) -> dict:
+    """Chroma at CFG 3 with a negative prompt, on an odd latent (9 × 7: a padded 5 × 4 token grid)."""
+    unet, t5, vae = os.environ["SEG_COMFYUI_CHROMA"].split(",")
+    dtype = os.environ.get("SEG_COMFYUI_FLUX_DTYPE", "default")
+    model = ["1", 0]
+    prompt = {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": unet, "weight_dtype": dtype}},
+        "2": {"class_type": "CLIPLoader", "inputs": {"clip_name": t5, "type": "chroma"}},
+        "3": {"class_type": "VAELoader", "inputs": {"vae_name": vae}},
+        "11": {"class_type": "T5TokenizerOptions",
+               "inputs": {"clip": ["2", 0], "min_padding": 0, "min_length": 0}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red fox in a forest", "clip": ["11", 0]}},
+        "5": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["11", 0]}},
+        "7": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 72, "height": 56, "batch_size": 1}},
+        "9": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["3", 0]}},
+        "10": {"class_type": "SaveImage", "inputs": {"filename_prefix": "seg-chroma", "images": ["9", 0]}},
+    }  # fmt: skip
+    if seg is not None:
+        prompt["12"] = seg_node(model, **seg)
+        model = ["12", 0]
+    prompt["8"] = {"class_type": "KSampler", "inputs": {
+        "seed": seed, "steps": 1, "cfg": 3.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0,
+        "model": model, "positive": ["4", 0], "negative": ["5", 0], "latent_image": ["7", 0]}}  # fmt: skip
+    return prompt
+
+
 def sd15() -> str:
     return os.environ.get("SEG_COMFYUI_SD15", "rand-sd15.safetensors")
 
@@ -280,3 +307,67 @@ def test_flux_one_step(comfyui):
         assert guided_lines(comfyui, mark) == ["SEG: 1 guided evaluations (shared-prefix: 1)"]
     assert comfyui.run(flux_workflow(seg={"scale": 0.0})) == off
     comfyui.free()
+
+
+def test_chroma_with_cfg_and_an_odd_latent(comfyui):
+    if not os.environ.get("SEG_COMFYUI_CHROMA"):
+        pytest.skip("set SEG_COMFYUI_CHROMA=unet,t5xxl,vae (names in ComfyUI's model folders)")
+    comfyui.free()
+    off = comfyui.run(chroma_workflow())
+    mark = len(comfyui.log_text())
+    on = comfyui.run(chroma_workflow(seg={"sigma": 2.0}))
+    assert on != off
+    if comfyui.log is not None:
+        assert "Chroma blocks" in comfyui.log_text()[mark:]
+        assert guided_lines(comfyui, mark) == ["SEG: 1 guided evaluations (shared-prefix: 1)"]
+    assert comfyui.run(chroma_workflow(seg={"scale": 0.0})) == off
+    comfyui.free()
+
+
+# -- the example workflow a user drags in ---------------------------------------------------------------
+WIDGET_KINDS = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+
+
+def api_prompt(workflow: dict, object_info: dict) -> dict:
+    """A workflow saved by ComfyUI's page (nodes with ``widgets_values``, links) in the API format
+    ``/prompt`` takes: widget values in the order of the node's inputs (a seed's "control after
+    generate" value skipped), links as ``[node id, output slot]``."""
+    links = {link[0]: link for link in workflow["links"]}
+    prompt = {}
+    for node in workflow["nodes"]:
+        declared = object_info[node["type"]]["input"]
+        linked = {entry["name"]: entry["link"] for entry in node.get("inputs", [])
+                  if entry.get("link") is not None}  # fmt: skip
+        values = iter(node.get("widgets_values", []))
+        inputs = {}
+        for name, spec in {**declared.get("required", {}), **declared.get("optional", {})}.items():
+            kind, options = spec[0], (spec[1] if len(spec) > 1 else {})
+            if name in linked:
+                link = links[linked[name]]
+                inputs[name] = [str(link[1]), link[2]]
+            elif isinstance(kind, list) or kind in WIDGET_KINDS:
+                inputs[name] = next(values)
+                if options.get("control_after_generate"):
+                    next(values)
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt
+
+
+def test_the_example_workflow_runs_as_saved(comfyui):
+    workflow = json.loads((ROOT / "workflows" / "seg-sd-checkpoint.json").read_text())
+    status, info = comfyui.json("GET", "/object_info")
+    assert status == 200
+    prompt = api_prompt(workflow, info)
+    seg = next(node for node in prompt.values() if node["class_type"] == NODE)
+    assert seg["inputs"]["scale"] == 3.0 and seg["inputs"]["blocks"] == "middle"
+    for node in prompt.values():  # the test's model, small and fast
+        if node["class_type"] == "CheckpointLoaderSimple":
+            node["inputs"]["ckpt_name"] = sd15()
+        elif node["class_type"] == "EmptyLatentImage":
+            node["inputs"].update(width=128, height=128)
+        elif node["class_type"] == "KSampler":
+            node["inputs"]["steps"] = 2
+    comfyui.free()
+    on = comfyui.run(prompt)
+    seg["inputs"]["scale"] = 0.0
+    assert comfyui.run(prompt) != on
