@@ -12,8 +12,8 @@ lookup, the test UNet of ``ldm_patched_nn/openaimodel.py``) and adds what is Com
   holding ``optimized_attention_override`` calls ``override(kernel, *args, **kwargs)`` instead)
   and ``optimized_attention`` decorated with it;
 - ``comfy.samplers``: ``calc_cond_batch`` (list form, ``memory_required * 1.5``),
-  ``sampling_function`` (``sampler_calc_cond_batch_function``, then list-form pre-CFG functions,
-  then ``cfg_function`` with the post-CFG arguments; the cfg1 optimisation hands ``uncond=None``)
+  ``sampling_function`` (reForge's: ``sampler_calc_cond_batch_function``, then the post-CFG
+  functions; the cfg1 optimisation hands ``uncond=None``)
   and ``CFGGuider.sample``: a copy of the model options for the run, the patcher's wrappers merged
   into its ``transformer_options``, the ``outer_sample`` wrappers around the run, and
   ``sample_sigmas`` in the sampler's options (an Euler sampler here);
@@ -26,7 +26,6 @@ from __future__ import annotations
 import copy
 import functools
 import importlib.util
-import math
 import sys
 import types
 
@@ -123,26 +122,9 @@ def calc_cond_batch(model, conds, x_in, timestep, model_options):
 
 
 def sampling_function(model, x, timestep, uncond, cond, cond_scale, model_options=None, seed=None):
-    model_options = model_options or {}
-    cfg1 = math.isclose(cond_scale, 1.0) and not model_options.get("disable_cfg1_optimization", False)
-    uncond_ = None if cfg1 else uncond
-    conds = [cond, uncond_]
-    if "sampler_calc_cond_batch_function" in model_options:
-        args = {"conds": conds, "input": x, "sigma": timestep, "model": model, "model_options": model_options}
-        out = model_options["sampler_calc_cond_batch_function"](args)
-    else:
-        out = calc_cond_batch(model, conds, x, timestep, model_options)
-    for fn in model_options.get("sampler_pre_cfg_function", []):
-        out = fn({"conds": conds, "conds_out": out, "cond_scale": cond_scale, "timestep": timestep,
-                  "input": x, "sigma": timestep, "model": model, "model_options": model_options})  # fmt: skip
-    cond_pred, uncond_pred = out[0], out[1]
-    cfg_result = uncond_pred + (cond_pred - uncond_pred) * cond_scale
-    for fn in model_options.get("sampler_post_cfg_function", []):
-        args = {"denoised": cfg_result, "cond": cond, "uncond": uncond_, "cond_scale": cond_scale,
-                "model": model, "uncond_denoised": uncond_pred, "cond_denoised": cond_pred,
-                "sigma": timestep, "model_options": model_options, "input": x}  # fmt: skip
-        cfg_result = fn(args)
-    return cfg_result
+    """reForge's form, which is ComfyUI's (the list-form pre-CFG functions SEG does not use aside)."""
+    return slp.sampling_function(model, x, timestep, uncond, cond, cond_scale, model_options, seed,
+                                 evaluator=calc_cond_batch)  # fmt: skip
 
 
 def copy_options(options):

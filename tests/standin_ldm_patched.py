@@ -72,18 +72,21 @@ def calc_cond_uncond_batch(model, cond, uncond, x_in, timestep, model_options):
     return tuple(sf.calc_cond_batch(model, [cond, uncond], x_in, timestep, model_options))
 
 
-def sampling_function(model, x, timestep, uncond, cond, cond_scale, model_options=None, seed=None):
-    """reForge's when ``calc_cond_batch`` exists: ``sampler_calc_cond_batch_function`` replaces the
-    evaluation, the pre-CFG functions (list form, after it) are not used by SEG. Forge Classic's
-    otherwise: pre-CFG functions of Forge's form, then the two-list evaluator."""
+def sampling_function(model, x, timestep, uncond, cond, cond_scale, model_options=None, seed=None,
+                      evaluator=None):  # fmt: skip
+    """reForge's when ``calc_cond_batch`` exists (or an ``evaluator`` of its form is given: ComfyUI's):
+    ``sampler_calc_cond_batch_function`` replaces the evaluation, the pre-CFG functions (list form,
+    after it) are not used by SEG. Forge Classic's otherwise: pre-CFG functions of Forge's form,
+    then the two-list evaluator."""
     model_options = model_options or {}
     uncond_ = (
         None
         if math.isclose(cond_scale, 1.0) and not model_options.get("disable_cfg1_optimization", False)
         else uncond
     )
-    samplers = sys.modules[EVALUATOR_MODULE]
-    if hasattr(samplers, "calc_cond_batch"):
+    if evaluator is None and hasattr(sys.modules[EVALUATOR_MODULE], "calc_cond_batch"):
+        evaluator = calc_cond_batch
+    if evaluator is not None:
         conds = [cond, uncond_]
         if "sampler_calc_cond_batch_function" in model_options:
             args = {
@@ -95,7 +98,7 @@ def sampling_function(model, x, timestep, uncond, cond, cond_scale, model_option
             }
             cond_pred, uncond_pred = model_options["sampler_calc_cond_batch_function"](args)
         else:
-            cond_pred, uncond_pred = calc_cond_batch(model, conds, x, timestep, model_options)
+            cond_pred, uncond_pred = evaluator(model, conds, x, timestep, model_options)
     else:
         for fn in model_options.get("sampler_pre_cfg_function", []):
             model, cond, uncond_, x, timestep, model_options = fn(

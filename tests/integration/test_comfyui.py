@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -33,6 +32,8 @@ import uuid
 from pathlib import Path
 
 import pytest
+
+from .conftest import _free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 NODE = "SmoothedEnergyGuidance"
@@ -95,12 +96,6 @@ class ComfyUI:
     def free(self) -> None:
         """Unload every model (one family at a time fits a small machine)."""
         self.request("POST", "/free", {"unload_models": True, "free_memory": True})
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
