@@ -123,7 +123,19 @@ def test_the_package_loads_as_comfyui_loads_it_and_imports_no_host(package):
     assert node_class.CATEGORY == "model_patches"
     assert callable(getattr(node_class(), node_class.FUNCTION))
     assert not any(name == "comfy" or name.startswith("comfy.") for name in sys.modules)
-    assert "modules" not in sys.modules and "gradio" not in sys.modules
+    webui_packages = ("modules", "gradio", "backend", "ldm_patched", "modules_forge", "launch")
+    assert not set(webui_packages) & set(sys.modules)
+
+
+def test_install_py_is_harmless_under_comfyui_manager(tmp_path):
+    """ComfyUI-Manager runs a package's install.py with ComfyUI's python, from the package folder."""
+    import subprocess
+
+    done = subprocess.run([sys.executable, str(ROOT / "install.py")], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "" and done.stderr == ""  # installs nothing, says nothing with a current torch
+    assert not (ROOT / "requirements.txt").exists()  # ComfyUI-Manager would pip-install it
 
 
 def test_the_inputs_carry_the_webui_controls_defaults_and_help(package):
