@@ -99,6 +99,10 @@ def apply_seg(model, warn: Callable[[str], None] | None = None, **values):
     if chosen is None:  # scale 0, sigma 0, start >= end: nothing to add
         return model
     scale, sigma = chosen
+    if not all(hasattr(model, name) for name in ("add_wrapper_with_key", "remove_wrappers_with_key")):
+        warn("SEG: this ComfyUI has no sampling wrappers (older than autumn 2024: update it to use SEG); the "
+             "model passes through without SEG")  # fmt: skip
+        return model
     try:
         target, notes = find_target(model.get_model_object("diffusion_model"), params)
     except Exception as error:  # a ComfyUI release that moved something: never break the graph

@@ -304,6 +304,18 @@ def test_out_of_range_values_are_clamped_and_named(package, comfy, unet, caplog)
     assert patched is not model and "'scale': 99.0 is outside [0, 30], clamped to 30" in caplog.text
 
 
+def test_a_comfyui_without_sampling_wrappers_passes_the_model_through(package, comfy, unet, caplog):
+    class OldModelPatcher(sf.PatcherBase):  # ComfyUI before its patcher extensions (2024)
+        def get_model_object(self, name):
+            return getattr(self.model, name)
+
+    model = OldModelPatcher(sc.model_patcher(unet).model)
+    assert not hasattr(model, "add_wrapper_with_key")
+    with caplog.at_level(logging.WARNING, logger="sd_webui_seg"):
+        assert node(package).patch(model, **defaults(package))[0] is model
+    assert "no sampling wrappers" in caplog.text
+
+
 def test_a_model_seg_does_not_know_passes_through(package, comfy, caplog):
     model = sc.model_patcher(nn.Linear(4, 4))
     with caplog.at_level(logging.WARNING, logger="sd_webui_seg"):
