@@ -127,6 +127,15 @@ def test_the_package_loads_as_comfyui_loads_it_and_imports_no_host(package):
     assert not set(webui_packages) & set(sys.modules)
 
 
+def test_the_package_file_alone_defines_no_node():
+    """pytest's collection imports the folder's ``__init__.py`` as a plain file when the clone's
+    folder name is no Python name (CI's clone): that must neither fail nor load the node."""
+    import runpy
+
+    loaded = runpy.run_path(str(ROOT / "__init__.py"))
+    assert loaded["NODE_CLASS_MAPPINGS"] == {} and loaded["NODE_DISPLAY_NAME_MAPPINGS"] == {}
+
+
 def test_install_py_is_harmless_under_comfyui_manager(tmp_path):
     """ComfyUI-Manager runs a package's install.py with ComfyUI's python, from the package folder."""
     import subprocess
