@@ -1,7 +1,8 @@
-"""SEG on the Forge family (Forge's ``backend/``, and ``ldm_patched`` in reForge and Forge
-Classic): their own extension points, no module hooks.
+"""SEG on a model-patcher host (Forge's ``backend/``, ``ldm_patched`` in reForge and Forge
+Classic, ComfyUI's ``comfy``): their own extension points, no module hooks.
 
-For each sampling pass the script clones ``p.sd_model.forge_objects.unet`` and adds one post-CFG
+For each sampling pass the webui script clones ``p.sd_model.forge_objects.unet`` (ComfyUI: the
+node's per-run wrapper fills the run's copy of the model options) and adds one post-CFG
 function, which adds the SEG term to the CFG result at a guided step. The smoothed prediction
 comes from one of two paths:
 
@@ -15,9 +16,9 @@ comes from one of two paths:
   it blurs the queries the webui hands it, then runs the webui's attention), or on Forge's
   diffusion transformers ``transformers.TransformerSmoothing``.
 
-The webui's regular rows never meet a blurred query. The webui's functions are passed in
-(``forge.entry_points``, ``ldm_patched.entry_points``), so this module imports nothing from a
-webui.
+The host's regular rows never meet a blurred query. The host's functions are passed in
+(``forge.entry_points``, ``ldm_patched.entry_points``, ``comfyui.entry_points``), so this module
+imports nothing from a host.
 
 Order among post-CFG functions: SEG's is appended after those already on the patcher (built-ins
 set up before it, e.g. SAG). Its term is computed from the cond/uncond predictions and the smoothed
@@ -117,12 +118,12 @@ class Attn1Smoothing:
 
 @dataclass
 class HostFunctions:
-    """What SEG calls in a Forge-family webui."""
+    """What SEG calls in a host (a Forge-family webui, ComfyUI)."""
 
     evaluate: Callable  # calc_cond_uncond_batch(model, cond, uncond, x, sigma, model_options)
     attention: Callable  # (q, k, v, heads[, attn_precision]) on (B, N, heads*d)
     fits: Callable  # (model, input shape, device) -> whether the webui's memory estimate fits
-    # reForge: its list-form evaluator; SEG's plan is made in sampler_calc_cond_batch_function
+    # reForge, ComfyUI: the list-form evaluator; SEG's plan is made in sampler_calc_cond_batch_function
     # (its pre-CFG functions run after the evaluation). Forge, Forge Classic: None, the plan is
     # made in a sampler_pre_cfg_function.
     calc_cond_batch: Callable | None = None
@@ -141,7 +142,7 @@ class GuidedPass:
 
 
 class PatcherGuidance:
-    """SEG for one Forge sampling pass: the post-CFG function and the step it is on."""
+    """SEG for one sampling pass on a patcher host: the post-CFG function and the step it is on."""
 
     def __init__(
         self,
