@@ -151,77 +151,69 @@ def seg_node(model_link, **values) -> dict:
     return {"class_type": NODE, "inputs": inputs}
 
 
+def sampled(loaders: dict, model, vae, positive, negative, latent, seed: int, steps: int, cfg: float,
+            scheduler: str, seg: dict | None) -> dict:
+    """``loaders`` (the nodes up to the conditioning and the empty latent) completed by the SEG node
+    when ``seg`` is given, a KSampler, the VAE decode and the save."""
+    prompt = dict(loaders)
+    if seg is not None:
+        prompt["seg"] = seg_node(model, **seg)
+        model = ["seg", 0]
+    prompt["sampler"] = {"class_type": "KSampler", "inputs": {
+        "seed": seed, "steps": steps, "cfg": cfg, "sampler_name": "euler", "scheduler": scheduler,
+        "denoise": 1.0, "model": model, "positive": positive, "negative": negative, "latent_image": latent}}
+    prompt["decode"] = {"class_type": "VAEDecode", "inputs": {"samples": ["sampler", 0], "vae": vae}}
+    prompt["save"] = {"class_type": "SaveImage",
+                      "inputs": {"filename_prefix": "seg", "images": ["decode", 0]}}
+    return prompt  # fmt: skip
+
+
 def checkpoint_workflow(checkpoint: str, size: int, steps: int, seed: int = 1, seg: dict | None = None):
-    model = ["1", 0]
-    prompt = {
+    loaders = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}},
         "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red fox in a forest", "clip": ["1", 1]}},
         "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["1", 1]}},
         "4": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
-        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
-        "7": {"class_type": "SaveImage", "inputs": {"filename_prefix": "seg", "images": ["6", 0]}},
     }
-    if seg is not None:
-        prompt["10"] = seg_node(model, **seg)
-        model = ["10", 0]
-    prompt["5"] = {"class_type": "KSampler", "inputs": {
-        "seed": seed, "steps": steps, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal",
-        "denoise": 1.0, "model": model, "positive": ["2", 0], "negative": ["3", 0],
-        "latent_image": ["4", 0]}}  # fmt: skip
-    return prompt
+    return sampled(loaders, ["1", 0], ["1", 2], ["2", 0], ["3", 0], ["4", 0], seed, steps, 5.0, "normal", seg)
 
 
-def flux_workflow(seed: int = 1, seg: dict | None = None) -> dict:
-    unet, clip_l, t5, vae = os.environ["SEG_COMFYUI_FLUX"].split(",")
+def t5_loaders(clip_loader: dict, unet: str, vae: str) -> dict:
+    """A transformer's UNETLoader, text encoder (T5 unpadded, as short prompts need) and VAE."""
     dtype = os.environ.get("SEG_COMFYUI_FLUX_DTYPE", "default")
-    model = ["1", 0]
-    prompt = {
+    return {
         "1": {"class_type": "UNETLoader", "inputs": {"unet_name": unet, "weight_dtype": dtype}},
-        "2": {"class_type": "DualCLIPLoader",
-              "inputs": {"clip_name1": clip_l, "clip_name2": t5, "type": "flux"}},
+        "2": clip_loader,
         "3": {"class_type": "VAELoader", "inputs": {"vae_name": vae}},
         "11": {"class_type": "T5TokenizerOptions",
                "inputs": {"clip": ["2", 0], "min_padding": 0, "min_length": 0}},
         "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red fox in a forest", "clip": ["11", 0]}},
+    }  # fmt: skip
+
+
+def flux_workflow(seed: int = 1, seg: dict | None = None) -> dict:
+    unet, clip_l, t5, vae = os.environ["SEG_COMFYUI_FLUX"].split(",")
+    clip = {"class_type": "DualCLIPLoader",
+            "inputs": {"clip_name1": clip_l, "clip_name2": t5, "type": "flux"}}
+    loaders = {
+        **t5_loaders(clip, unet, vae),
         "5": {"class_type": "FluxGuidance", "inputs": {"conditioning": ["4", 0], "guidance": 3.5}},
         "6": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["4", 0]}},
         "7": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "9": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["3", 0]}},
-        "10": {"class_type": "SaveImage", "inputs": {"filename_prefix": "seg-flux", "images": ["9", 0]}},
     }  # fmt: skip
-    if seg is not None:
-        prompt["12"] = seg_node(model, **seg)
-        model = ["12", 0]
-    prompt["8"] = {"class_type": "KSampler", "inputs": {
-        "seed": seed, "steps": 1, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0,
-        "model": model, "positive": ["5", 0], "negative": ["6", 0], "latent_image": ["7", 0]}}  # fmt: skip
-    return prompt
+    return sampled(loaders, ["1", 0], ["3", 0], ["5", 0], ["6", 0], ["7", 0], seed, 1, 1.0, "simple", seg)
 
 
 def chroma_workflow(seed: int = 1, seg: dict | None = None) -> dict:
     """Chroma at CFG 3 with a negative prompt, on an odd latent (9 × 7: a padded 5 × 4 token grid)."""
     unet, t5, vae = os.environ["SEG_COMFYUI_CHROMA"].split(",")
-    dtype = os.environ.get("SEG_COMFYUI_FLUX_DTYPE", "default")
-    model = ["1", 0]
-    prompt = {
-        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": unet, "weight_dtype": dtype}},
-        "2": {"class_type": "CLIPLoader", "inputs": {"clip_name": t5, "type": "chroma"}},
-        "3": {"class_type": "VAELoader", "inputs": {"vae_name": vae}},
-        "11": {"class_type": "T5TokenizerOptions",
-               "inputs": {"clip": ["2", 0], "min_padding": 0, "min_length": 0}},
-        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red fox in a forest", "clip": ["11", 0]}},
+    clip = {"class_type": "CLIPLoader", "inputs": {"clip_name": t5, "type": "chroma"}}
+    loaders = {
+        **t5_loaders(clip, unet, vae),
         "5": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["11", 0]}},
         "7": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 72, "height": 56, "batch_size": 1}},
-        "9": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["3", 0]}},
-        "10": {"class_type": "SaveImage", "inputs": {"filename_prefix": "seg-chroma", "images": ["9", 0]}},
     }  # fmt: skip
-    if seg is not None:
-        prompt["12"] = seg_node(model, **seg)
-        model = ["12", 0]
-    prompt["8"] = {"class_type": "KSampler", "inputs": {
-        "seed": seed, "steps": 1, "cfg": 3.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0,
-        "model": model, "positive": ["4", 0], "negative": ["5", 0], "latent_image": ["7", 0]}}  # fmt: skip
-    return prompt
+    return sampled(loaders, ["1", 0], ["3", 0], ["4", 0], ["5", 0], ["7", 0], seed, 1, 3.0, "simple", seg)
 
 
 def sd15() -> str:

@@ -65,4 +65,5 @@ def step_of(args: dict) -> tuple[int, int]:
     sigma = args.get("sigma")
     if schedule is None or sigma is None:
         return 0, 1
-    return step_of_sigma(float(sigma.flatten()[0]), [float(level) for level in schedule])
+    levels = schedule.tolist() if hasattr(schedule, "tolist") else list(schedule)  # one device read
+    return step_of_sigma(float(sigma.flatten()[0]), [float(level) for level in levels])
